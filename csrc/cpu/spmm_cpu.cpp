@@ -1,0 +1,349 @@
+// CPU kernels: OpenMP (through at::parallel_for) over batch tiles and block rows; inside a task the
+// batch tile is transposed once into a feature-major buffer so that every inner loop is a
+// contiguous multiply-add across the batch, which the compiler vectorises.
+#include "spmm_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+#include "activation.h"
+#include "transpose.h"
+
+namespace sparseode::cpu {
+namespace {
+
+// Accumulator budget per micro-tile in elements: 8 AVX2 registers.
+template <typename T>
+constexpr int kAccum = 64 / static_cast<int>(sizeof(T) / sizeof(float));
+
+// Copies batch rows [b0, b0 + nb) of x (B, K) into xT (K, TB), zero-padding columns nb..TB.
+// Returns true when a copied value is NaN or +-Inf, and marks which rows in `nonfinite`.
+template <typename T, int TB>
+bool pack_tile(const T* x, int64_t K, int64_t b0, int64_t nb, T* xT, bool* nonfinite) {
+  transpose(x + b0 * K, K, xT, TB, nb, K);
+  T check[TB];
+  for (int j = 0; j < TB; ++j) check[j] = T(0);
+  for (int64_t k = 0; k < K; ++k) {
+    T* row = xT + k * TB;
+    for (int j = nb; j < TB; ++j) row[j] = T(0);
+    for (int j = 0; j < TB; ++j) check[j] += row[j] * T(0);  // stays 0 unless NaN or Inf is met
+  }
+  bool any = false;
+  for (int j = 0; j < TB; ++j) {
+    nonfinite[j] = check[j] != T(0);
+    any = any || nonfinite[j];
+  }
+  return any;
+}
+
+// One 32-byte SIMD register of T through the compiler's vector extension: AVX with -march flags
+// that have it, a pair of SSE registers otherwise.
+// (A vector_size attribute on a dependent alias template is dropped by gcc, hence the traits.)
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = 32 / sizeof(T);
+
+template <typename T>
+inline Vec<T> splat(T s) {
+  Vec<T> v;
+  for (int l = 0; l < kLanes<T>; ++l) v[l] = s;
+  return v;
+}
+
+// yT rows for block rows [r0, r1): yT[(r - r0) * bh + i][j] = sum over blocks p of row r,
+// c < bw of values[p][i][c] * xT[col[p] * bw + c][j].  R rows of a block and JW batch columns are
+// accumulated in registers at a time; when that leaves registers free (narrow tiles), P partial sums
+// over alternating blocks break the dependency chain of the multiply-adds.
+template <typename T, int TB, int R>
+void block_rows(const T* __restrict xT, const T* __restrict values, const int64_t* crow, const int64_t* col,
+                int64_t bh, int64_t bw, int64_t r0, int64_t r1, T* __restrict yT) {
+  using V = Vec<T>;
+  constexpr int JW = std::min(TB, kAccum<T> / R);
+  constexpr int NV = JW / kLanes<T>;
+  constexpr int P = std::max(1, kAccum<T> / (R * JW));
+  static_assert(NV >= 1 && JW % kLanes<T> == 0, "batch tile must hold whole vectors");
+  const int64_t bsize = bh * bw;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t p_begin = crow[r], p_end = crow[r + 1];
+    for (int64_t i0 = 0; i0 < bh; i0 += R) {
+      for (int jb = 0; jb < TB; jb += JW) {
+        V acc[P][R][NV];
+#pragma GCC unroll 8
+        for (int q = 0; q < P; ++q)
+#pragma GCC unroll 8
+          for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+            for (int n = 0; n < NV; ++n) acc[q][i][n] = V{};
+        // Adds block p into partial sum q.
+        auto add_block = [&](int q, int64_t p) __attribute__((always_inline)) {
+          const T* vblock = values + p * bsize + i0 * bw;
+          const T* xcol = xT + col[p] * bw * TB + jb;
+          for (int64_t c = 0; c < bw; ++c) {
+            V xv[NV];
+#pragma GCC unroll 8
+            for (int n = 0; n < NV; ++n) std::memcpy(&xv[n], xcol + c * TB + n * kLanes<T>, sizeof(V));
+#pragma GCC unroll 8
+            for (int i = 0; i < R; ++i) {
+              const V v = splat(vblock[i * bw + c]);
+#pragma GCC unroll 8
+              for (int n = 0; n < NV; ++n) acc[q][i][n] += v * xv[n];
+            }
+          }
+        };
+        int64_t p = p_begin;
+        for (; p + P <= p_end; p += P) {
+#pragma GCC unroll 8
+          for (int q = 0; q < P; ++q) add_block(q, p + q);
+        }
+        for (; p < p_end; ++p) add_block(0, p);
+#pragma GCC unroll 8
+        for (int q = 1; q < P; ++q)
+#pragma GCC unroll 8
+          for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+            for (int n = 0; n < NV; ++n) acc[0][i][n] += acc[q][i][n];
+        T* out = yT + ((r - r0) * bh + i0) * TB + jb;
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+          for (int n = 0; n < NV; ++n) std::memcpy(out + i * TB + n * kLanes<T>, &acc[0][i][n], sizeof(V));
+      }
+    }
+  }
+}
+
+// Dense semantics for non-finite inputs: y[b, o] is NaN when x[b, k] is NaN/Inf at a column k that
+// row o does not store (0 * Inf = NaN in the dense product). Stored columns already went through the
+// arithmetic. Runs only for tiles that hold a non-finite value.
+template <typename T, int TB>
+void poison_nonfinite(const T* xT, const bool* nonfinite, const int64_t* crow, const int64_t* col, int64_t K,
+                      int64_t bh, int64_t bw, int64_t r0, int64_t r1, T* yT) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int j = 0; j < TB; ++j) {
+    if (!nonfinite[j]) continue;
+    for (int64_t k = 0; k < K; ++k) {
+      if (std::isfinite(xT[k * TB + j])) continue;
+      const int64_t kb = k / bw;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t* begin = col + crow[r];
+        const int64_t* end = col + crow[r + 1];
+        // columns are sorted within a row (formats.py builds them so)
+        if (std::binary_search(begin, end, kb)) continue;
+        for (int64_t i = 0; i < bh; ++i) yT[((r - r0) * bh + i) * TB + j] = nan;
+      }
+    }
+  }
+}
+
+template <typename T, Activation ACT>
+void epilogue(T* yT, const T* bias, int64_t row0, int64_t nrows, int TB) {
+  for (int64_t o = 0; o < nrows; ++o) {
+    const T b = bias ? bias[row0 + o] : T(0);
+    T* row = yT + o * TB;
+    for (int j = 0; j < TB; ++j) row[j] = activate<T, ACT>(row[j] + b);
+  }
+}
+
+template <typename T, int TB>
+void spmm_tiles(const T* x, const T* values, const int64_t* crow, const int64_t* col, const T* bias,
+                Activation act, int64_t B, int64_t K, int64_t N, int64_t bh, int64_t bw, T* y) {
+  const int64_t n_brows = N / bh;
+  const int64_t n_tiles = (B + TB - 1) / TB;
+  const int64_t threads = at::get_num_threads();
+  // With fewer batch tiles than threads, block rows are split too (each task packs its own tile).
+  const int64_t n_chunks = std::min<int64_t>(std::max<int64_t>(1, (threads + n_tiles - 1) / n_tiles), n_brows);
+  const int64_t rows_per_chunk = n_chunks > 0 ? (n_brows + n_chunks - 1) / n_chunks : 0;
+  const int64_t n_tasks = n_tiles * std::max<int64_t>(n_chunks, 1);
+  const int64_t nnz = crow[n_brows];
+  // Problems this small finish faster on the calling thread than waking the pool.
+  const int64_t work = B * (nnz * bh * bw + K + N);
+  const int64_t grain = work < (1 << 15) ? n_tasks : 1;
+
+  at::parallel_for(0, n_tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> xT(static_cast<size_t>(K) * TB);
+    std::vector<T> yT(static_cast<size_t>(rows_per_chunk * bh) * TB);
+    bool nonfinite[TB];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task / std::max<int64_t>(n_chunks, 1);
+      const int64_t chunk = task % std::max<int64_t>(n_chunks, 1);
+      const int64_t r0 = chunk * rows_per_chunk;
+      const int64_t r1 = std::min(n_brows, r0 + rows_per_chunk);
+      if (r0 >= r1) continue;
+      const int64_t b0 = tile * TB;
+      const int64_t nb = std::min<int64_t>(TB, B - b0);
+      const bool any_nonfinite = pack_tile<T, TB>(x, K, b0, nb, xT.data(), nonfinite);
+      if (bh % 4 == 0) {
+        block_rows<T, TB, 4>(xT.data(), values, crow, col, bh, bw, r0, r1, yT.data());
+      } else if (bh % 2 == 0) {
+        block_rows<T, TB, 2>(xT.data(), values, crow, col, bh, bw, r0, r1, yT.data());
+      } else {
+        block_rows<T, TB, 1>(xT.data(), values, crow, col, bh, bw, r0, r1, yT.data());
+      }
+      if (any_nonfinite) poison_nonfinite<T, TB>(xT.data(), nonfinite, crow, col, K, bh, bw, r0, r1, yT.data());
+      const int64_t row0 = r0 * bh;
+      const int64_t nrows = (r1 - r0) * bh;
+      dispatch_activation(act, [&](auto tag) { epilogue<T, decltype(tag)::value>(yT.data(), bias, row0, nrows, TB); });
+      transpose(yT.data(), TB, y + b0 * N + row0, N, nrows, nb);
+    }
+  });
+}
+
+// Batch tile: wide enough to fill the accumulators, narrow enough that the packed tile xT (K, TB)
+// stays in L1 (random rows of it are read once per stored block), and no wider than a thread's share.
+template <typename T>
+int choose_tile(int64_t B, int64_t K) {
+  constexpr int64_t kL1Bytes = 24 * 1024;
+  const int64_t per_thread = (B + at::get_num_threads() - 1) / at::get_num_threads();
+  int tb = 8;
+  while (tb < kAccum<T> && tb < per_thread) tb *= 2;
+  return tb;
+}
+
+template <typename T>
+void spmm_impl(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+               const T* bias, Activation act, int64_t N, int64_t bh, int64_t bw, at::Tensor& y) {
+  const int64_t B = x.size(0), K = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* vp = values.data_ptr<T>();
+  const int64_t* cr = crow.data_ptr<int64_t>();
+  const int64_t* cl = col.data_ptr<int64_t>();
+  T* yp = y.data_ptr<T>();
+  switch (choose_tile<T>(B, K)) {
+    case 8: spmm_tiles<T, 8>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp); break;
+    case 16: spmm_tiles<T, 16>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp); break;
+    case 32: spmm_tiles<T, 32>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp); break;
+    default: spmm_tiles<T, kAccum<T>>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp); break;
+  }
+}
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  constexpr int L = 8;
+  T acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) acc[l] += a[i + l] * b[i + l];
+  T s = 0;
+  for (int l = 0; l < L; ++l) s += acc[l];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+void sddmm_impl(const at::Tensor& aT, const at::Tensor& cT, const at::Tensor& crow, const at::Tensor& col,
+                int64_t bh, int64_t bw, at::Tensor& out) {
+  const int64_t B = aT.size(1);
+  const int64_t n_brows = crow.size(0) - 1;
+  const T* ap = aT.data_ptr<T>();
+  const T* cp = cT.data_ptr<T>();
+  const int64_t* cr = crow.data_ptr<int64_t>();
+  const int64_t* cl = col.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t bsize = bh * bw;
+  // Batch chunks keep the slice of cT that a row touches in cache.
+  constexpr int64_t kChunk = 512;
+  at::parallel_for(0, n_brows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t p = cr[r]; p < cr[r + 1]; ++p)
+        for (int64_t e = 0; e < bsize; ++e) op[p * bsize + e] = T(0);
+      for (int64_t b0 = 0; b0 < B; b0 += kChunk) {
+        const int64_t nb = std::min(kChunk, B - b0);
+        for (int64_t p = cr[r]; p < cr[r + 1]; ++p) {
+          for (int64_t i = 0; i < bh; ++i) {
+            const T* arow = ap + (r * bh + i) * B + b0;
+            for (int64_t j = 0; j < bw; ++j) {
+              op[p * bsize + i * bw + j] += dot(arow, cp + (cl[p] * bw + j) * B + b0, nb);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor bsr_spmm(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& crow,
+                    const at::Tensor& col, const c10::optional<at::Tensor>& bias, std::string_view activation) {
+  check_spmm_args(x_in, values_in, crow, col, bias);
+  CHECK_DEVICE_TYPE(x_in, at::kCPU);
+  CHECK_FLOATING(x_in);
+  const Activation act = parse_activation(activation);
+  const auto bs = block_shape_of(values_in);
+  TORCH_CHECK(x_in.size(1) % bs.bw == 0, "x has ", x_in.size(1), " features, not a multiple of the block width ",
+              bs.bw);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  const int64_t N = (crow.size(0) - 1) * bs.bh;
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0 || N == 0) return y;
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_spmm_cpu", [&] {
+    const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
+    spmm_impl<scalar_t>(x, values, crow_c, col_c, bp, act, N, bs.bh, bs.bw, y);
+  });
+  return y;
+}
+
+at::Tensor bsr_spmm_t(const at::Tensor& g, const at::Tensor& values, const at::Tensor& crow_t,
+                      const at::Tensor& col_t, const at::Tensor& perm) {
+  CHECK_INDEX(perm);
+  TORCH_CHECK(perm.size(0) == values.size(0), "perm holds ", perm.size(0), " entries for ", values.size(0),
+              " stored blocks");
+  at::Tensor values_t = values.index_select(0, perm);
+  if (values_t.dim() == 3) values_t = values_t.transpose(1, 2).contiguous();
+  return bsr_spmm(g, values_t, crow_t, col_t, c10::nullopt, "identity");
+}
+
+at::Tensor bsr_sddmm(const at::Tensor& a, const at::Tensor& c, const at::Tensor& crow, const at::Tensor& col,
+                     int64_t bh, int64_t bw) {
+  CHECK_DIM(a, 2);
+  CHECK_DIM(c, 2);
+  CHECK_INDEX(crow);
+  CHECK_INDEX(col);
+  CHECK_SAME_DTYPE(a, c);
+  CHECK_DEVICE_TYPE(a, at::kCPU);
+  CHECK_SAME_DEVICE(a, c);
+  CHECK_FLOATING(a);
+  TORCH_CHECK(a.size(0) == c.size(0), "a and c must share the batch size, got ", a.size(0), " and ", c.size(0));
+  TORCH_CHECK(bh >= 1 && bw >= 1, "block sizes must be positive, got ", bh, "x", bw);
+  TORCH_CHECK(a.size(1) == (crow.size(0) - 1) * bh, "a has ", a.size(1), " columns but the pattern has ",
+              (crow.size(0) - 1) * bh, " rows");
+  TORCH_CHECK(c.size(1) % bw == 0, "c has ", c.size(1), " columns, not a multiple of the block width ", bw);
+  const int64_t nnz = col.size(0);
+  at::Tensor out = (bh == 1 && bw == 1) ? at::empty({nnz}, a.options()) : at::empty({nnz, bh, bw}, a.options());
+  if (nnz == 0) return out;
+  const at::Tensor aT = a.t().contiguous();
+  const at::Tensor cT = c.t().contiguous();
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bsr_sddmm_cpu",
+                             [&] { sddmm_impl<scalar_t>(aT, cT, crow_c, col_c, bh, bw, out); });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(sparseode, CPU, m) {
+  m.impl("bsr_spmm", &bsr_spmm);
+  m.impl("bsr_spmm_t", &bsr_spmm_t);
+  m.impl("bsr_sddmm", &bsr_sddmm);
+}
+
+}  // namespace sparseode::cpu
