@@ -1,6 +1,14 @@
-"""Pruning: importance scores → masks → prune-retrain cascades with early stopping → analysis."""
+"""Pruning: importance scores → masks → prune-retrain cascades with early stopping → analysis.
+
+``importance`` scores every trainable parameter (registry :data:`MEASURES`), ``apply`` turns
+scores into masks in the ``torch.nn.utils.prune`` layout (registry :data:`GRANULARITIES`),
+``iterative`` runs the prune-retrain cascade, ``ICP`` stops its intermediate rounds early
+(registry :data:`ICP_MEASURES`), ``hessian_spectrum``/``mode_coverage`` analyse pruned flows.
+"""
 from __future__ import annotations
 
+from sparseode.prune.analysis import HessianSpectrum, hessian_spectrum, mode_coverage
+from sparseode.prune.icp import ICP, ICP_MEASURES, DiscrepancyMeasure, fixed_step, register_icp_measure
 from sparseode.prune.importance import MEASURES, Measure, importance, register_measure
 from sparseode.prune.masks import (
     GRANULARITIES,
@@ -15,9 +23,12 @@ from sparseode.prune.masks import (
     remove,
     sparsity,
 )
+from sparseode.prune.schedule import PruneHistory, RoundRecord, default_schedule, iterative, one_shot
 
 __all__ = [
-    "importance", "apply", "sparsity", "remove", "masks", "load_pruned", "prunable_layers",
-    "neuron_chains", "MEASURES", "Measure", "register_measure", "GRANULARITIES",
-    "register_granularity", "SparsityReport", "LayerSparsity",
+    "importance", "apply", "sparsity", "remove", "iterative", "one_shot", "default_schedule",
+    "ICP", "hessian_spectrum", "mode_coverage", "masks", "load_pruned", "prunable_layers",
+    "neuron_chains", "fixed_step", "MEASURES", "Measure", "register_measure", "GRANULARITIES",
+    "register_granularity", "ICP_MEASURES", "register_icp_measure", "DiscrepancyMeasure",
+    "SparsityReport", "LayerSparsity", "PruneHistory", "RoundRecord", "HessianSpectrum",
 ]

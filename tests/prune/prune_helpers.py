@@ -84,3 +84,47 @@ def flat_loss(model, loss_fn, data):
         return tot / len(data)
 
     return names, shapes, theta0, L, unflat
+
+
+# ----------------------------------------------------------------------------------------------
+# A minimal fit following sparseode.train.fit's callback contract (FitState after every step)
+# ----------------------------------------------------------------------------------------------
+from dataclasses import dataclass, field as _field
+
+
+@dataclass
+class State:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int
+    step: int
+    loss: float
+    val_metric: float | None = None
+    history: list = _field(default_factory=list)
+
+
+@dataclass
+class Result:
+    history: list
+    epochs_run: int
+    steps: int
+    stopped_early: bool
+    best_val: float | None = None
+
+
+def loop_fit(model, data, loss_fn=mse, epochs=3, lr=1e-2, weight_decay=0.0, callbacks=()):
+    """AdamW over ``data`` (a list of batches) for ``epochs``; callbacks after every step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay)
+    step = 0
+    for epoch in range(epochs):
+        for b in data:
+            opt.zero_grad()
+            loss = loss_fn(model, b)
+            loss.backward()
+            opt.step()
+            step += 1
+            st = State(model, opt, epoch, step, float(loss.detach()))
+            if any(bool(cb(st)) for cb in callbacks):
+                return Result([], epoch + 1, step, True)
+    return Result([], epochs, step, False)

@@ -1,0 +1,137 @@
+"""iterative / one_shot / default_schedule with a stub fit and with a real (tiny) training."""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+import sparseode as so
+from prune_helpers import batches, loop_fit, mlp, mse
+
+
+def test_default_schedule():
+    keep = so.prune.default_schedule()
+    assert len(keep) == 29
+    geo = [0.8 * (0.25 ** (k / 19)) for k in range(20)]
+    for a, b in zip(keep[:20], geo):
+        assert a == pytest.approx(b, rel=1e-10)
+    ratios = [keep[k + 1] / keep[k] for k in range(19)]
+    assert max(ratios) - min(ratios) < 1e-9  # geometric
+    assert keep[19] == pytest.approx(0.2) and keep[20:] == pytest.approx([0.18 - 0.02 * k for k in range(9)])
+    k90 = so.prune.default_schedule(0.9)
+    assert len(k90) == 25 and k90[-1] == pytest.approx(0.1)
+    k85 = so.prune.default_schedule(0.85)
+    assert k85[-1] == pytest.approx(0.15) and k85[-2] == pytest.approx(0.16)
+    with pytest.raises(ValueError, match="target"):
+        so.prune.default_schedule(1.0)
+
+
+class StubFit:
+    """Counts calls and records the model's sparsity at every call; trains nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, callbacks=()):
+        self.calls.append((so.prune.sparsity(model).total, list(callbacks)))
+
+        class R:
+            steps, epochs_run, best_val = 10, 2, 0.5
+        return R()
+
+
+def test_iterative_with_stub_fit(tmp_path):
+    model = mlp((3, 16, 16, 2))
+    fit, final = StubFit(), StubFit()
+    sched = [0.8, 0.5, 0.3, 0.1]
+    hist = so.prune.iterative(model, fit, target=0.9, schedule=sched, method="magnitude",
+                              final_fit=final, checkpoint_dir=tmp_path, progress=False)
+    n = so.prune.sparsity(model).numel
+    assert len(hist) == 4 and len(fit.calls) == 3 and len(final.calls) == 1
+    for r, kr in zip(hist.rounds, sched):
+        assert r.target_sparsity == pytest.approx(1 - kr)
+        assert r.sparsity == round((1 - kr) * n) / n  # exact
+        assert r.steps == 10 and r.epochs == 2 and r.stop_reason == "budget" and r.time_s >= 0
+        assert r.val_metric == 0.5
+    assert [r.final for r in hist.rounds] == [False, False, False, True]
+    assert [c[0] for c in fit.calls + final.calls] == [r.sparsity for r in hist.rounds]
+    assert hist.total_epochs == 8 and hist.total_steps == 40
+    # checkpoints: masks nested round over round, each loadable, also on disk
+    prev = None
+    for k, sd in enumerate(hist.checkpoints):
+        m = mlp((3, 16, 16, 2))
+        so.prune.load_pruned(m, sd)
+        assert so.prune.sparsity(m).total == hist[k].sparsity
+        if prev is not None:
+            assert all((sd[key] <= prev[key]).all() for key in sd if key.endswith("_mask"))
+        prev = sd
+        disk = torch.load(tmp_path / f"round_{k:02d}.pt")
+        assert all(torch.equal(disk[key], sd[key]) for key in sd)
+    assert "total epochs" in hist.table()
+
+
+def test_iterative_rounds_and_default_schedule():
+    model = mlp((3, 16, 16, 2))
+    fit = StubFit()
+    hist = so.prune.iterative(model, fit, target=0.9, rounds=3, progress=False)
+    assert [r.target_sparsity for r in hist.rounds] == pytest.approx([1 - 0.1 ** (k / 3) for k in (1, 2, 3)])
+    model = mlp((3, 16, 16, 2))
+    hist = so.prune.iterative(model, StubFit(), target=0.98, progress=False)
+    assert len(hist) == 29 and hist[-1].target_sparsity == pytest.approx(0.98)
+
+
+def test_iterative_bad_input():
+    model = mlp()
+    for kw, arg in (({"target": 1.0}, "target"), ({"method": "obd"}, "method"),
+                    ({"granularity": "row"}, "granularity"), ({"schedule": [0.5, 0.8]}, "schedule"),
+                    ({"schedule": [0.0]}, "schedule"), ({"rounds": 0}, "rounds")):
+        with pytest.raises(ValueError, match=arg):
+            so.prune.iterative(model, StubFit(), progress=False, **kw)
+    with pytest.raises(TypeError, match="stop"):
+        so.prune.iterative(model, StubFit(), stop=object(), progress=False)
+
+
+def test_one_shot():
+    model = mlp((3, 16, 16, 2))
+    hist = so.prune.one_shot(model, None, 0.7, method="random", progress=False)
+    assert len(hist) == 1 and so.prune.sparsity(model).total == pytest.approx(0.7, abs=1 / 300)
+
+
+def test_iterative_with_data_measure_and_icp_saves_steps():
+    """Real retraining of a tiny regression MLP: ICP ends intermediate rounds early, the final
+    round runs its full budget, and the final loss is as good as without ICP."""
+    data = batches(8, bs=16)
+    val = batches(4, bs=64, seed=7)
+    probe = batches(2, bs=32, seed=5)
+
+    def evaluate(m):
+        with torch.no_grad():
+            return float(sum(mse(m, b) for b in val) / len(val))
+
+    torch.manual_seed(0)
+    dense = mlp((3, 32, 32, 2))
+    loop_fit(dense, data, epochs=60, lr=1e-2)
+    fit = functools.partial(loop_fit, data=data, epochs=15, lr=3e-3)
+    sched = [0.8, 0.6, 0.4, 0.3]
+
+    runs = {}
+    for use_icp in (False, True):
+        model = mlp((3, 32, 32, 2))
+        model.load_state_dict(dense.state_dict())
+        stop = so.prune.ICP(probe=probe, loss_fn=mse, tol_info=0.3, tol_grad=0.5, patience=2,
+                            check_every=4, min_steps=8) if use_icp else None
+        runs[use_icp] = so.prune.iterative(model, fit, schedule=sched, method="snip", loss_fn=mse,
+                                           data=data, n_batches=2, stop=stop, evaluate=evaluate,
+                                           progress=False)
+    base, icp = runs[False], runs[True]
+    assert all(r.stop_reason == "budget" and r.steps == 120 for r in base.rounds)
+    assert icp[-1].stop_reason == "budget" and icp[-1].steps == 120 and icp[-1].final
+    early = [r for r in icp.rounds[:-1] if r.stop_reason == "consistent"]
+    assert early and all(r.steps < 120 for r in early)
+    assert all(r.checks for r in early)
+    assert icp.total_steps < base.total_steps
+    assert icp[-1].epochs == pytest.approx(15) and icp.total_epochs < base.total_epochs
+    assert icp[-1].sparsity == base[-1].sparsity
+    assert icp[-1].val_metric < 1.2 * base[-1].val_metric + 1e-3
