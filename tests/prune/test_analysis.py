@@ -65,3 +65,21 @@ def test_hessian_spectrum_bad_input():
         so.prune.hessian_spectrum(model, mse, batches(1), method="arnoldi")
     with pytest.raises(ValueError, match="data"):
         so.prune.hessian_spectrum(model, mse, None)
+
+
+def test_mode_coverage_over_checkpoints():
+    import copy
+
+    torch.manual_seed(0)
+    f = so.models.MLPVectorField(2, (8,), time="concat", activation="sigmoid")
+    cnf = so.models.CNF(f, method="rk4", options={"step_size": 0.5})
+    hist = so.prune.iterative(cnf, lambda m, callbacks: None, schedule=[0.5, 0.2], progress=False)
+    got = so.prune.mode_coverage(cnf, hist.checkpoints, "gaussians", n_samples=300, seed=3)
+    assert [g["sparsity"] for g in got] == [r.sparsity for r in hist.rounds]
+    for sd, g in zip(hist.checkpoints, got):
+        m = copy.deepcopy(cnf)
+        m.load_state_dict(sd)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            ref = so.data.mode_coverage(m.sample(300), "gaussians")
+        assert g["coverage"] == ref

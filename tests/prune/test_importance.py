@@ -166,3 +166,29 @@ def test_grasp_through_adjoint_is_a_clear_error():
     so.prune.importance(model, "snip", mse, data, n_batches=1)
     with pytest.raises(ValueError, match="method='grasp'.*second derivative"):
         so.prune.importance(model, "grasp", mse, data, n_batches=1)
+
+
+@pytest.mark.parametrize("method", ["taylor", "grasp"])
+def test_cnf_default_loss_is_nll_through_the_solve(method):
+    """loss_fn=None on a CNF: the NLL through odeint (with the exact trace inside)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    f = so.models.MLPVectorField(2, (3,), time="concat", activation="sigmoid")
+    cnf = so.models.CNF(f, trace="exact", method="rk4", options={"step_size": 0.5}).double()
+    x = so.data.toy("gaussians", 6, seed=0, dtype=torch.float64)
+    named = list(cnf.named_parameters())
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def L(v):
+        params, i = {}, 0
+        for n, p in named:
+            params[n] = v[i:i + p.numel()].reshape(p.shape)
+            i += p.numel()
+        return -functional_call(cnf, params, (x,)).mean()
+
+    g = torch.autograd.functional.jacobian(L, theta)
+    ref = theta * g if method == "taylor" else theta * (torch.autograd.functional.hessian(L, theta) @ g)
+    got = so.prune.importance(cnf, method, None, [(x,)], n_batches=1)
+    flat = torch.cat([got[n].reshape(-1) for n, _ in named])
+    torch.testing.assert_close(flat, ref, rtol=1e-7, atol=1e-10)
