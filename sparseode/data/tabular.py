@@ -6,7 +6,7 @@ Layout under ``root`` (the release's ``data/`` folder; ``root/data/...`` is acce
     power/data.npy                 POWER      (N, 8) -> 6 dims
     gas/ethylene_CO.pickle         GAS        pandas DataFrame pickle -> 8 dims (needs pandas)
     hepmass/1000_train.csv         HEPMASS    CSV with a header row, label in column 0 -> 21 dims
-    hepmass/1000_test.csv
+    hepmass/1000_test.csv          (signal rows; constant and repeated-value columns dropped)
     miniboone/data.npy             MINIBOONE  (N, 43)
     BSDS300/BSDS300.hdf5           BSDS300    datasets train/validation/test (needs h5py) -> 63 dims
 
@@ -107,10 +107,12 @@ def _hepmass(files: list[Path]) -> Splits:
     train = train[train[:, 0] == 1][:, 1:]
     test = test[test[:, 0] == 1][:, 1:-1]
     mu, s = train.mean(0), train.std(0, ddof=1)
+    constant = s == 0  # the mass column of the 1000_* files; MAF's 21 dimensions exclude it
+    s = np.where(constant, 1.0, s)
     train = (train - mu) / s
     test = (test - mu[: test.shape[1]]) / s[: test.shape[1]]
     # drop features whose smallest value recurs more than 5 times (MAF's rule, kept as it is)
-    drop = {i for i, col in enumerate(train.T) if np.count_nonzero(col == col.min()) > 5}
+    drop = {i for i, col in enumerate(train.T) if constant[i] or np.count_nonzero(col == col.min()) > 5}
     train = train[:, [i for i in range(train.shape[1]) if i not in drop]]
     test = test[:, [i for i in range(test.shape[1]) if i not in drop]]
     if train.shape[1] != test.shape[1]:
