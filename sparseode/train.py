@@ -6,8 +6,9 @@ calls ``callbacks`` after every optimiser step (pruning uses them to keep masks 
 stop early). ``evaluate`` reports NLL in nats and bits/dim for flows, accuracy for classifiers.
 
 Data given to ``fit``/``evaluate`` is a Tensor ``(n, ...)`` (unsupervised: flows), a tuple
-``(X, y)`` of tensors with the same first dimension, or a re-iterable of batches (e.g. a
-``DataLoader``). Batches handed to a loss function are always tuples.
+``(X, y)`` of tensors with the same first dimension, or a re-iterable of batches (a list, a
+``DataLoader``; each batch a tensor or a tuple/list of tensors). Batches handed to a loss
+function are always tuples.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class FitResult:
     and ``val_*`` entries of :func:`evaluate`); ``epochs_run`` (a partial last epoch counts);
     ``steps``; ``stopped_early`` (a callback returned True); ``best_val`` (None without
     ``val_data``); ``best_epoch``; ``best_state`` (state_dict of the best epoch, by validation
-    metric, or by training loss without ``val_data``); ``checkpoint`` (path written, or None);
+    metric, or by training loss without ``val_data``; tracking restarts if a callback changes the
+    model's structure, e.g. by pruning); ``checkpoint`` (path written, or None);
     ``time`` (seconds).
     """
 
@@ -117,7 +119,7 @@ class _Batches:
         self.batch_size = batch_size
         self.tensors: Batch | None = None
         self.iterable: Iterable | None = None
-        if torch.is_tensor(data) or (isinstance(data, (tuple, list)) and data and all(torch.is_tensor(d) for d in data)):
+        if torch.is_tensor(data) or (isinstance(data, tuple) and data and all(torch.is_tensor(d) for d in data)):
             tensors = _as_tuple(data, name)
             n = tensors[0].shape[0] if tensors[0].dim() else 0
             if n == 0:
@@ -388,6 +390,10 @@ def fit(
                     "steps": result.steps,
                 }
                 complete = not result.stopped_early
+                scored = complete if val_batches is not None else n_seen > 0
+                if scored and result.best_state is not None and set(result.best_state) != set(model.state_dict()):
+                    # the structure changed (e.g. pruned by a callback): earlier states no longer apply
+                    result.best_val, result.best_epoch, result.best_state, best_train = None, None, None, math.inf
                 if val_batches is not None and complete:
                     ev = evaluate(model, val_batches.tensors if val_batches.tensors is not None else val_data,
                                   loss_fn=loss_fn if custom_loss else None, batch_size=val_batch_size)
