@@ -1,0 +1,97 @@
+"""``SparseLinear``: a drop-in for ``nn.Linear`` whose weight is stored sparse."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sparseode.ops import registry
+from sparseode.ops.formats import SparseWeight
+
+
+def pruning_mask(linear: nn.Linear) -> Tensor | None:
+    """The mask ``torch.nn.utils.prune`` left on ``linear`` (``weight_mask``), or None."""
+    mask = getattr(linear, "weight_mask", None)
+    return mask.bool() if isinstance(mask, Tensor) else None
+
+
+class SparseLinear(nn.Module):
+    """y = act(x W^T + b) with W held in a :class:`SparseWeight` (masked, CSR or BSR).
+
+    Same call as ``nn.Linear``: x (..., in_features) -> (..., out_features), any leading dims.
+    ``weight`` is a read-only dense view; ``sparse.values`` (the stored weights) and ``bias`` are
+    the parameters. ``activation`` (default identity) is fused into the kernel's epilogue.
+    """
+
+    def __init__(self, weight: SparseWeight, bias: Tensor | None = None, backend: str = "auto",
+                 activation: str = "identity", from_pruned: bool = False) -> None:
+        super().__init__()
+        if activation not in registry.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(registry.ACTIVATIONS)}; got {activation!r}")
+        self.sparse = weight
+        self.out_features, self.in_features = weight.shape
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        self.backend = backend
+        self.activation = activation
+        # True when built from a layer pruned with torch.nn.utils.prune: densify restores the mask.
+        self.from_pruned = from_pruned
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: Tensor | None = None, format: str = "csr",
+                   backend: str = "auto", block: tuple[int, int] = (16, 16),
+                   activation: str = "identity") -> "SparseLinear":
+        """Sparse copy of ``linear``, keeping ``mask`` (bool, (out, in)).
+
+        ``mask`` defaults to the layer's ``torch.nn.utils.prune`` mask when it has one, else to the
+        nonzeros of its weight.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        pruned = pruning_mask(linear)
+        if mask is None:
+            mask = pruned
+        weight = SparseWeight.from_dense(linear.weight.detach(), mask, format=format, block=block)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(weight, bias, backend=backend, activation=activation, from_pruned=pruned is not None)
+
+    @property
+    def weight(self) -> Tensor:
+        """Dense (out_features, in_features) view of the weight (read-only; zeros where pruned)."""
+        return self.sparse.to_dense()
+
+    @property
+    def format(self) -> str:
+        return self.sparse.format
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has shape {tuple(x.shape)}: expected (..., {self.in_features}) for a layer with "
+                f"in_features={self.in_features}"
+            )
+        lead = x.shape[:-1]
+        y = registry.spmm(x.reshape(-1, self.in_features), self.sparse.values, self.sparse.pattern, self.bias,
+                          self.sparse.format, self.activation, self.backend)
+        return y.reshape(*lead, self.out_features)
+
+    def to_linear(self) -> nn.Linear:
+        """A dense ``nn.Linear`` with the same weight and bias (the activation is not carried)."""
+        values = self.sparse.values
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=values.device, dtype=values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation!r}" if self.activation != "identity" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"backend={self.backend!r}{act}")

@@ -1,0 +1,85 @@
+"""Which backend runs an op: the registry of backends, what is usable here, and the ``auto`` choice.
+
+Backends are looked up by name and imported on first use, so importing sparseode never imports
+triton or touches CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from sparseode.ops.backend import Backend
+
+# name -> (module, attribute) of the Backend instance
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "cpu": ("sparseode.ops.cpu", "CPU"),
+    "cuda": ("sparseode.ops.cuda", "CUDA"),
+    "triton": ("sparseode.ops.triton", "TRITON"),
+    "torch": ("sparseode.ops.backend", "TORCH"),
+}
+BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
+# Order in which ``auto`` tries backends per device type. Triton on the CPU runs only through the
+# interpreter (a testing aid, far slower than the C++ kernels), so auto never picks it there.
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend is usable here and, if not, why."""
+
+    available: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return "available" if self.available else f"unavailable: {self.reason}"
+
+
+_STATUS: dict[str, BackendStatus] = {}
+
+
+def _load(name: str) -> Backend:
+    module, attr = _REGISTRY[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def status(name: str) -> BackendStatus:
+    """Usability of one backend (computed once per process)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or 'auto'; got {name!r}")
+    if name not in _STATUS:
+        try:
+            ok, why = _load(name).status()
+        except ImportError as err:
+            ok, why = False, f"cannot import its module ({err})"
+        _STATUS[name] = BackendStatus(ok, why)
+    return _STATUS[name]
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it is usable here and the reason when it is not.
+
+    >>> {name: s.available for name, s in backends().items()}  # doctest: +SKIP
+    {'cpu': True, 'cuda': False, 'triton': False, 'torch': True}
+    """
+    return {name: status(name) for name in BACKENDS}
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name``; a clear error when it is unknown or not usable here."""
+    st = status(name)
+    if not st.available:
+        raise RuntimeError(f"backend {name!r} is not available here: {st.reason}")
+    return _load(name)
+
+
+def resolve(name: str, device: torch.device, fmt: str) -> str:
+    """The concrete backend for ``name`` ("auto" or a backend name) on ``device`` for ``fmt``."""
+    if name != "auto":
+        get(name)
+        return name
+    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        if status(candidate).available and (candidate == "torch" or fmt in _load(candidate).formats):
+            return candidate
+    return "torch"

@@ -1,0 +1,151 @@
+"""Every format x backend against the float64 reference: forward, input and weight gradients,
+double backward, opcheck; plus gradcheck of the reference itself."""
+import pytest
+import torch
+
+from sparseode.nn import SparseLinear
+from sparseode.ops import SparseWeight, reference, registry
+from sparseode.testing import DTYPES, FORMATS, SHAPES, Shape, TOLERANCES, backend_skip_reason, make_case
+
+CPU_BACKENDS = ("torch", "cpu", "triton")
+
+
+def _weight(shape, fmt, dtype, backend="torch"):
+    x, w, mask, b = make_case(shape, dtype)
+    block = shape.block if fmt == "bsr" else (16, 16)
+    return x, w, mask, b, SparseWeight.from_dense(w, mask, format=fmt, block=block)
+
+
+def _skip(backend, dtype=torch.float32):
+    why = backend_skip_reason(backend)
+    if why:
+        pytest.skip(why)
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels are tested in float32 (tests/ops/test_triton.py)")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_format_round_trip_is_exact(shape, fmt):
+    _, w, mask, _, sw = _weight(shape, fmt, torch.float64)
+    assert torch.equal(sw.to_dense(), w * mask)
+    assert torch.equal(sw.kept_mask(), mask)
+    assert sw.nnz() == int(mask.sum())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
+def test_sparse_linear_matches_reference(shape, fmt, dtype, backend):
+    """Forward, input gradient, weight and bias gradients through the public SparseLinear."""
+    _skip(backend, dtype)
+    x, w, mask, b, sw = _weight(shape, fmt, dtype)
+    layer = SparseLinear(sw, b, backend=backend)
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+
+    x64 = x.detach().double().requires_grad_()
+    v64 = sw.values.detach().double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    y64 = reference.spmm(x64.reshape(-1, shape.inp), v64, sw.pattern, b64, fmt).reshape(y.shape)
+    (y64 * gy.double()).sum().backward()
+
+    atol, rtol = TOLERANCES[dtype]
+    assert y.shape == (*shape.lead, shape.out)
+    torch.testing.assert_close(y.double(), y64, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.sparse.values.grad.double(), v64.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.bias.grad.double(), b64.grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("activation", registry.ACTIVATIONS)
+def test_fused_activation_matches_reference(fmt, backend, activation):
+    _skip(backend)
+    shape = SHAPES[3]
+    x, w, mask, b, sw = _weight(shape, fmt, torch.float32)
+    x = x * 3  # reach the saturating parts of tanh/sigmoid and both sides of relu/elu
+    y = registry.spmm(x, sw.values, sw.pattern, b, fmt, activation, backend)
+    y64 = reference.spmm(x.double(), sw.values.double(), sw.pattern, b.double(), fmt, activation)
+    torch.testing.assert_close(y.double(), y64, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("activation", ("identity", "tanh", "softplus"))
+def test_gradcheck_and_gradgradcheck_float64(fmt, backend, activation):
+    _skip(backend, torch.float64)
+    shape = Shape((3,), 8, 12, 0.4, (4, 3), "empty_cols")  # small: gradcheck is O(elements^2)
+    x, w, mask, b, sw = _weight(shape, fmt, torch.float64)
+    x.requires_grad_()
+    b.requires_grad_()
+    v = sw.values.detach().clone().requires_grad_()
+
+    def f(x, v, b):
+        return registry.spmm(x, v, sw.pattern, b, fmt, activation, backend)
+
+    assert torch.autograd.gradcheck(f, (x, v, b))
+    assert torch.autograd.gradgradcheck(f, (x, v, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck_every_op(fmt, backend):
+    _skip(backend)
+    shape = SHAPES[3]
+    x, w, mask, b, sw = _weight(shape, fmt, torch.float32)
+    g = torch.randn(x.shape[0], shape.out)
+    x.requires_grad_()
+    g.requires_grad_()
+    values = sw.values.detach().clone().requires_grad_()
+    ops = torch.ops.sparseode
+    torch.library.opcheck(ops.spmm.default, (x, values, sw.pattern, b, fmt, "tanh", backend))
+    torch.library.opcheck(ops.spmm_t.default, (g, values, sw.pattern, fmt, backend))
+    torch.library.opcheck(ops.sddmm.default, (g, x, sw.pattern, fmt, backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_non_contiguous_input(fmt, backend):
+    _skip(backend)
+    shape = SHAPES[4]
+    _, w, mask, b, sw = _weight(shape, fmt, torch.float32)
+    x = torch.randn(shape.inp, 11).t()  # (11, in), not contiguous
+    assert not x.is_contiguous()
+    layer = SparseLinear(sw, b, backend=backend)
+    torch.testing.assert_close(layer(x), x @ (w * mask).t() + b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bad", (float("nan"), float("inf")))
+def test_nonfinite_input_propagates_like_dense(fmt, backend, bad):
+    _skip(backend)
+    shape = SHAPES[3]
+    x, w, mask, b, sw = _weight(shape, fmt, torch.float32)
+    x[2, 5] = bad  # row 2; column 5 is pruned in some rows, kept in others
+    x[7, 0] = bad
+    y = SparseLinear(sw, b, backend=backend)(x)
+    dense = x @ (w * mask).t() + b
+    assert torch.equal(torch.isnan(y), torch.isnan(dense))
+    assert torch.equal(torch.isinf(y), torch.isinf(dense))
+    finite = torch.isfinite(dense)
+    torch.testing.assert_close(y[finite], dense[finite], atol=2e-5, rtol=2e-5)
+
+
+def test_partly_kept_bsr_block_gets_no_gradient():
+    w = torch.randn(8, 8)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[0, 0] = mask[5, 6] = True  # two partly kept 4x4 blocks
+    sw = SparseWeight.from_dense(w, mask, format="bsr", block=(4, 4))
+    assert sw.values.shape == (2, 4, 4)
+    assert int((sw.values != 0).sum()) == 2
+    layer = SparseLinear(sw, None, backend="torch")
+    layer(torch.randn(10, 8)).sum().backward()
+    grad = layer.sparse.values.grad
+    assert torch.count_nonzero(grad[~sw.block_mask]) == 0
+    assert torch.count_nonzero(grad[sw.block_mask]) == 2
