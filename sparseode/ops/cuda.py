@@ -8,6 +8,8 @@ from sparseode.ops.cpu import CompiledBackend
 
 class CudaBackend(CompiledBackend):
     def status(self) -> tuple[bool, str]:
+        if torch.version.cuda is None:
+            return False, f"torch {torch.__version__} is a CPU build (no CUDA)"
         ok, why = super().status()
         if not ok:
             return ok, why
