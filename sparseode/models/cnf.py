@@ -174,11 +174,14 @@ class CNF(nn.Module):
     def _flow_with_trace(self, field: nn.Module, x: Tensor, t0: float, t1: float) -> tuple[Tensor, Tensor]:
         """Integrate ``(x, 0)`` from t0 to t1; return ``(x(t1), ∫_{t0}^{t1} -tr dt)``."""
         trace_fn = TRACES[self.trace]
-        self._noise = NOISES[self.noise](x) if self.trace in STOCHASTIC_TRACES else None
+        # one probe per solve, kept on the object; the closure holds its own reference so an
+        # adjoint backward pass reuses this solve's probe even after later solves replaced _noise
+        noise = NOISES[self.noise](x) if self.trace in STOCHASTIC_TRACES else None
+        self._noise = noise
 
         def dynamics(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             self._count += 1
-            return trace_fn(field, t, state[0], self._noise)
+            return trace_fn(field, t, state[0], noise)
 
         ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
         xs, deltas = self._odeint(dynamics, (x, x.new_zeros(x.shape[:-1])), ts, field)
