@@ -303,6 +303,9 @@ def fit(
         val_batch_size: batch size used for validation.
 
     Returns: :class:`FitResult`.
+
+    Raises: ValueError/TypeError for bad arguments or data (naming the argument);
+    FloatingPointError if the loss becomes NaN or inf.
     """
     from tqdm.auto import tqdm
 
