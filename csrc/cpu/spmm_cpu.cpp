@@ -27,17 +27,16 @@ constexpr int kAccum = 64 / static_cast<int>(sizeof(T) / sizeof(float));
 // Returns true when a copied value is NaN or +-Inf, and marks which rows in `nonfinite`.
 template <typename T, int TB>
 bool pack_tile(const T* x, int64_t K, int64_t b0, int64_t nb, T* xT, bool* nonfinite) {
-  transpose(x + b0 * K, K, xT, TB, nb, K);
-  T check[TB];
-  for (int j = 0; j < TB; ++j) check[j] = T(0);
-  for (int64_t k = 0; k < K; ++k) {
-    T* row = xT + k * TB;
-    for (int j = nb; j < TB; ++j) row[j] = T(0);
-    for (int j = 0; j < TB; ++j) check[j] += row[j] * T(0);  // stays 0 unless NaN or Inf is met
-  }
+  const bool maybe = transpose(x + b0 * K, K, xT, TB, nb, K);
+  if (nb < TB)
+    for (int64_t k = 0; k < K; ++k)
+      for (int j = nb; j < TB; ++j) xT[k * TB + j] = T(0);
   bool any = false;
   for (int j = 0; j < TB; ++j) {
-    nonfinite[j] = check[j] != T(0);
+    nonfinite[j] = false;
+    if (!maybe || j >= nb) continue;
+    const T* row = x + (b0 + j) * K;
+    for (int64_t k = 0; k < K && !nonfinite[j]; ++k) nonfinite[j] = !std::isfinite(row[k]);
     any = any || nonfinite[j];
   }
   return any;
@@ -68,13 +67,24 @@ inline Vec<T> splat(T s) {
   return v;
 }
 
+// out[i * stride + j] = act(out[i * stride + j] + bias[i]) for i < rows, j < width.
+template <typename T, Activation ACT>
+void epilogue(T* out, const T* bias, int rows, int width, int stride) {
+  for (int i = 0; i < rows; ++i) {
+    const T b = bias ? bias[i] : T(0);
+    T* row = out + i * stride;
+    for (int j = 0; j < width; ++j) row[j] = activate<T, ACT>(row[j] + b);
+  }
+}
+
 // yT rows for block rows [r0, r1): yT[(r - r0) * bh + i][j] = sum over blocks p of row r,
 // c < bw of values[p][i][c] * xT[col[p] * bw + c][j].  R rows of a block and JW batch columns are
 // accumulated in registers at a time; when that leaves registers free (narrow tiles), P partial sums
-// over alternating blocks break the dependency chain of the multiply-adds.
+// over alternating blocks break the dependency chain of the multiply-adds. Bias and activation are
+// applied to each micro-tile while it is still in L1.
 template <typename T, int TB, int R>
 void block_rows(const T* __restrict xT, const T* __restrict values, const int64_t* crow, const int64_t* col,
-                int64_t bh, int64_t bw, int64_t r0, int64_t r1, T* __restrict yT) {
+                const T* bias, Activation act, int64_t bh, int64_t bw, int64_t r0, int64_t r1, T* __restrict yT) {
   using V = Vec<T>;
   constexpr int JW = std::min(TB, kAccum<T> / R);
   constexpr int NV = JW / kLanes<T>;
@@ -125,6 +135,8 @@ void block_rows(const T* __restrict xT, const T* __restrict values, const int64_
         for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
           for (int n = 0; n < NV; ++n) std::memcpy(out + i * TB + n * kLanes<T>, &acc[0][i][n], sizeof(V));
+        const T* row_bias = bias ? bias + r * bh + i0 : nullptr;
+        dispatch_activation(act, [&](auto tag) { epilogue<T, decltype(tag)::value>(out, row_bias, R, JW, TB); });
       }
     }
   }
@@ -132,7 +144,8 @@ void block_rows(const T* __restrict xT, const T* __restrict values, const int64_
 
 // Dense semantics for non-finite inputs: y[b, o] is NaN when x[b, k] is NaN/Inf at a column k that
 // row o does not store (0 * Inf = NaN in the dense product). Stored columns already went through the
-// arithmetic. Runs only for tiles that hold a non-finite value.
+// arithmetic. Runs only for tiles that hold a non-finite value, after the epilogue (every
+// activation maps NaN to NaN).
 template <typename T, int TB>
 void poison_nonfinite(const T* xT, const bool* nonfinite, const int64_t* crow, const int64_t* col, int64_t K,
                       int64_t bh, int64_t bw, int64_t r0, int64_t r1, T* yT) {
@@ -150,15 +163,6 @@ void poison_nonfinite(const T* xT, const bool* nonfinite, const int64_t* crow, c
         for (int64_t i = 0; i < bh; ++i) yT[((r - r0) * bh + i) * TB + j] = nan;
       }
     }
-  }
-}
-
-template <typename T, Activation ACT>
-void epilogue(T* yT, const T* bias, int64_t row0, int64_t nrows, int TB) {
-  for (int64_t o = 0; o < nrows; ++o) {
-    const T b = bias ? bias[row0 + o] : T(0);
-    T* row = yT + o * TB;
-    for (int j = 0; j < TB; ++j) row[j] = activate<T, ACT>(row[j] + b);
   }
 }
 
@@ -191,16 +195,15 @@ void spmm_tiles(const T* x, const T* values, const int64_t* crow, const int64_t*
       const int64_t nb = std::min<int64_t>(TB, B - b0);
       const bool any_nonfinite = pack_tile<T, TB>(x, K, b0, nb, xT.data(), nonfinite);
       if (bh % 4 == 0) {
-        block_rows<T, TB, 4>(xT.data(), values, crow, col, bh, bw, r0, r1, yT.data());
+        block_rows<T, TB, 4>(xT.data(), values, crow, col, bias, act, bh, bw, r0, r1, yT.data());
       } else if (bh % 2 == 0) {
-        block_rows<T, TB, 2>(xT.data(), values, crow, col, bh, bw, r0, r1, yT.data());
+        block_rows<T, TB, 2>(xT.data(), values, crow, col, bias, act, bh, bw, r0, r1, yT.data());
       } else {
-        block_rows<T, TB, 1>(xT.data(), values, crow, col, bh, bw, r0, r1, yT.data());
+        block_rows<T, TB, 1>(xT.data(), values, crow, col, bias, act, bh, bw, r0, r1, yT.data());
       }
       if (any_nonfinite) poison_nonfinite<T, TB>(xT.data(), nonfinite, crow, col, K, bh, bw, r0, r1, yT.data());
       const int64_t row0 = r0 * bh;
       const int64_t nrows = (r1 - r0) * bh;
-      dispatch_activation(act, [&](auto tag) { epilogue<T, decltype(tag)::value>(yT.data(), bias, row0, nrows, TB); });
       transpose(yT.data(), TB, y + b0 * N + row0, N, nrows, nb);
     }
   });

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -11,18 +12,17 @@
 
 namespace sparseode::cpu {
 
-template <typename T>
-inline void transpose_scalar(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-}
-
 #if defined(__AVX__)
-inline void transpose_tile(const float* src, int64_t ld, float* dst, int64_t ld_dst) {
+// Each tile transpose also adds (sum of the tile) * 0 into `check`, which stays 0 unless the tile
+// holds NaN or Inf (or finite values whose sum overflows: a false alarm the caller re-checks).
+inline void transpose_tile(const float* src, int64_t ld, float* dst, int64_t ld_dst, __m256& check) {
   __m256 r0 = _mm256_loadu_ps(src + 0 * ld), r1 = _mm256_loadu_ps(src + 1 * ld);
   __m256 r2 = _mm256_loadu_ps(src + 2 * ld), r3 = _mm256_loadu_ps(src + 3 * ld);
   __m256 r4 = _mm256_loadu_ps(src + 4 * ld), r5 = _mm256_loadu_ps(src + 5 * ld);
   __m256 r6 = _mm256_loadu_ps(src + 6 * ld), r7 = _mm256_loadu_ps(src + 7 * ld);
+  const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(r0, r1), _mm256_add_ps(r2, r3)),
+                                   _mm256_add_ps(_mm256_add_ps(r4, r5), _mm256_add_ps(r6, r7)));
+  check = _mm256_add_ps(check, _mm256_mul_ps(sum, _mm256_setzero_ps()));
   __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
   __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
   __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -41,9 +41,11 @@ inline void transpose_tile(const float* src, int64_t ld, float* dst, int64_t ld_
   _mm256_storeu_ps(dst + 7 * ld_dst, _mm256_permute2f128_ps(s3, s7, 0x31));
 }
 
-inline void transpose_tile(const double* src, int64_t ld, double* dst, int64_t ld_dst) {
+inline void transpose_tile(const double* src, int64_t ld, double* dst, int64_t ld_dst, __m256d& check) {
   __m256d r0 = _mm256_loadu_pd(src + 0 * ld), r1 = _mm256_loadu_pd(src + 1 * ld);
   __m256d r2 = _mm256_loadu_pd(src + 2 * ld), r3 = _mm256_loadu_pd(src + 3 * ld);
+  const __m256d sum = _mm256_add_pd(_mm256_add_pd(r0, r1), _mm256_add_pd(r2, r3));
+  check = _mm256_add_pd(check, _mm256_mul_pd(sum, _mm256_setzero_pd()));
   __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
   __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
   _mm256_storeu_pd(dst + 0 * ld_dst, _mm256_permute2f128_pd(t0, t2, 0x20));
@@ -53,23 +55,44 @@ inline void transpose_tile(const double* src, int64_t ld, double* dst, int64_t l
 }
 template <typename T>
 constexpr int64_t kTile = 32 / sizeof(T);
-#else
-template <typename T>
-constexpr int64_t kTile = 0;
+
+inline bool any_nonzero(__m256 v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)) != 0; }
+inline bool any_nonzero(__m256d v) {
+  return _mm256_movemask_pd(_mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_NEQ_UQ)) != 0;
+}
 #endif
 
-// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols.
+// Scalar transpose that also reports whether it met a NaN or Inf.
 template <typename T>
-inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+inline bool transpose_scalar_checked(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows,
+                                     int64_t cols) {
+  T check = T(0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[c * ld_dst + r] = src[r * ld_src + c];
+      check += src[r * ld_src + c] * T(0);
+    }
+  return check != T(0);
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols. Returns true when src may hold
+// NaN or Inf (never false when it does).
+template <typename T>
+inline bool transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
 #if defined(__AVX__)
   constexpr int64_t t = kTile<T>;
   const int64_t rows_full = rows - rows % t, cols_full = cols - cols % t;
+  std::conditional_t<std::is_same_v<T, float>, __m256, __m256d> check{};
   for (int64_t r = 0; r < rows_full; r += t)
-    for (int64_t c = 0; c < cols_full; c += t) transpose_tile(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
-  transpose_scalar(src + cols_full, ld_src, dst + cols_full * ld_dst, ld_dst, rows, cols - cols_full);
-  transpose_scalar(src + rows_full * ld_src, ld_src, dst + rows_full, ld_dst, rows - rows_full, cols_full);
+    for (int64_t c = 0; c < cols_full; c += t)
+      transpose_tile(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst, check);
+  bool bad = any_nonzero(check);
+  bad |= transpose_scalar_checked(src + cols_full, ld_src, dst + cols_full * ld_dst, ld_dst, rows, cols - cols_full);
+  bad |= transpose_scalar_checked(src + rows_full * ld_src, ld_src, dst + rows_full, ld_dst, rows - rows_full,
+                                  cols_full);
+  return bad;
 #else
-  transpose_scalar(src, ld_src, dst, ld_dst, rows, cols);
+  return transpose_scalar_checked(src, ld_src, dst, ld_dst, rows, cols);
 #endif
 }
 
