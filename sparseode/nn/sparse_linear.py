@@ -76,8 +76,9 @@ class SparseLinear(nn.Module):
                 f"in_features={self.in_features}"
             )
         lead = x.shape[:-1]
-        y = registry.spmm(x.reshape(-1, self.in_features), self.sparse.values, self.sparse.pattern, self.bias,
-                          self.sparse.format, self.activation, self.backend)
+        sparse = self.sparse
+        y = registry.spmm(x.reshape(-1, self.in_features), sparse._parameters["values"], sparse.pattern,
+                          self._parameters["bias"], sparse.format, self.activation, self.backend)
         return y.reshape(*lead, self.out_features)
 
     def to_linear(self) -> nn.Linear:

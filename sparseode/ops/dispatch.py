@@ -39,9 +39,14 @@ class BackendStatus:
 _STATUS: dict[str, BackendStatus] = {}
 
 
+_LOADED: dict[str, Backend] = {}
+
+
 def _load(name: str) -> Backend:
-    module, attr = _REGISTRY[name]
-    return getattr(importlib.import_module(module), attr)
+    if name not in _LOADED:
+        module, attr = _REGISTRY[name]
+        _LOADED[name] = getattr(importlib.import_module(module), attr)
+    return _LOADED[name]
 
 
 def status(name: str) -> BackendStatus:

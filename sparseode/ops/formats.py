@@ -124,7 +124,9 @@ class SparseWeight(nn.Module):
 
     @property
     def pattern(self) -> list[Tensor]:
-        return [getattr(self, name) for name in PATTERN_FIELDS[self.format]]
+        """The pattern tensors in the order of ``PATTERN_FIELDS[self.format]`` (the ops' order)."""
+        buffers = self._buffers  # direct dict access: this runs once per layer call
+        return [buffers[name] for name in PATTERN_FIELDS[self.format]]
 
     @property
     def block(self) -> tuple[int, int]:
