@@ -305,31 +305,26 @@ def _csr_sddmm(a: Tensor, c: Tensor, crow: Tensor, col: Tensor) -> Tensor:
 
 
 def _block_sddmm(a: Tensor, c: Tensor, fmt: str, pattern: list[Tensor], B: int, N: int, K: int) -> Tensor:
+    # The output is laid out like the values, so the walk's value addressing is the output's.
     walk = blocks(fmt, pattern, transposed=False)
-    if fmt == "bsr":
+    if walk.is_list:
         nnz = walk.col.numel()
-        shape = (nnz, walk.bh, walk.bw)
-        n_items = nnz
-        rows = _derived(walk.crow, "rows", lambda: _rows_of(walk.crow, nnz)) if nnz else walk.crow
-        s_p, s_r, s_c, s_i, s_j = walk.bh * walk.bw, 0, 0, walk.bw, 1
+        shape, n_items = (nnz, walk.bh, walk.bw), nnz
     else:
-        shape = (N, K)
-        n_items = walk.n_brows * walk.n_bcols
-        rows = a
-        s_p, s_r, s_c, s_i, s_j = 0, walk.bh * K, walk.bw, K, 1
+        shape, n_items = (N, K), walk.n_brows * walk.n_bcols
     if n_items == 0:
         return a.new_zeros(shape)
+    rows = _derived(walk.crow, "rows", lambda: _rows_of(walk.crow, n_items)) if walk.is_list else a
     splits = batch_splits(n_items, B, a.device)
     # An occupancy walk leaves the entries of empty tiles alone: they must start at zero.
-    out = _split_output(shape, splits, a, zero=fmt == "masked")
-    numel = math.prod(shape)
-    dummy = a
+    out = _split_output(shape, splits, a, zero=not walk.is_list)
+    s_p, s_r, s_c, s_i, s_j = walk.strides
     launcher("block_sddmm")(
         lambda meta: (n_items, splits),
-        a_ptr=a, c_ptr=c, rows_ptr=rows, col_ptr=walk.col if walk.is_list else dummy,
-        occ_ptr=dummy if walk.is_list else walk.occ, out_ptr=out,
+        a_ptr=a, c_ptr=c, rows_ptr=rows, col_ptr=walk.col if walk.is_list else a,
+        occ_ptr=a if walk.is_list else walk.occ, out_ptr=out,
         B=B, N=N, K=K, bh=walk.bh, bw=walk.bw, n_bcols=walk.n_bcols, b_chunk=triton.cdiv(max(B, 1), splits),
-        s_split=numel if splits > 1 else 0, s_p=s_p, s_r=s_r, s_c=s_c, s_i=s_i, s_j=s_j,
+        s_split=math.prod(shape) if splits > 1 else 0, s_p=s_p, s_r=s_r, s_c=s_c, s_i=s_i, s_j=s_j,
         LIST=walk.is_list, PRECISION=_precision(a), ACC=_acc(a.dtype), UPCAST=_upcast(a), BH=_pad(walk.bh),
         BW=_pad(walk.bw),
     )

@@ -1,8 +1,9 @@
 """Launch configurations: ``triton.autotune`` on a GPU, one fixed configuration in the interpreter.
 
 Each kernel gets a :class:`Launcher` built once per process. On a GPU it autotunes over the
-configurations below, keyed on the problem's shape (Triton caches the winner per key and device
-for the life of the process). Under ``TRITON_INTERPRET=1`` nothing is timed: the interpreter runs
+configurations below, keyed on the problem's shape; the winner is kept for the process and on disk
+in Triton's cache (keyed by the GPU architecture, Triton version and kernel source), so a layer is
+tuned once per machine, not once per run. Under ``TRITON_INTERPRET=1`` nothing is timed: the interpreter runs
 the one configuration given, chosen to keep the number of programs (Python iterations) small.
 """
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Launcher:
         self.tuned = None
         if self.fixed is None:
             prune_by = {"early_config_prune": prune} if prune is not None else None
-            self.tuned = triton.autotune(configs=list(configs), key=key, prune_configs_by=prune_by)(kernel)
+            self.tuned = triton.autotune(configs=list(configs), key=key, prune_configs_by=prune_by,
+                                         cache_results=True)(kernel)
 
     def __call__(self, grid: Callable[[dict[str, Any]], tuple[int, ...]], **kwargs: Any) -> None:
         if self.tuned is not None:

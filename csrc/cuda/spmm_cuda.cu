@@ -357,7 +357,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                          const int64_t* __restrict__ col, const T* __restrict__ bias, T* __restrict__ y,
                          int64_t B, int64_t K, int64_t N, int64_t bh, int64_t bw, bool vec_x, Activation act) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // built for sm_80+; the host only launches this kernel there
+  __trap();  // the host launches this kernel only on sm_80+ (tensor_cores())
 #else
   using namespace nvcuda;
   using W = typename CudaType<T>::type;
@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ __align__(32) float c_stage[kWarps][16 * 16 * NF];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t r = blockIdx.x;
-  const int64_t bw0 = static_cast<int64_t>(blockIdx.y) * (kWarps * 16) + warp * 16;
+  const int64_t xrow0 = static_cast<int64_t>(blockIdx.y) * (kWarps * 16) + warp * 16;
   const int64_t i0 = static_cast<int64_t>(blockIdx.z) * 16 * NF;
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> a;
   wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> b;
   const int arow = lane / 2, acol = (lane % 2) * 8;
-  const int64_t xb = bw0 + arow;
+  const int64_t xb = xrow0 + arow;
   for (int64_t p = crow[r]; p < crow[r + 1]; ++p) {
     const int64_t kbase = col[p] * bw;
     const T* vblock = values + p * bh * bw;
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   __syncwarp();
   for (int e = lane; e < 16 * 16 * NF; e += 32) {
     const int rr = e / (16 * NF), cc = e % (16 * NF);
-    const int64_t bb = bw0 + rr, row = r * bh + i0 + cc;
+    const int64_t bb = xrow0 + rr, row = r * bh + i0 + cc;
     if (bb < B) {
       const float add = bias != nullptr ? static_cast<float>(bias[row]) : 0.0f;
       y[bb * N + row] = static_cast<T>(activate(c_stage[warp][e] + add, act));
@@ -620,14 +620,22 @@ inline bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<ui
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Streaming multiprocessors of the current device (cached per device).
-int sm_count() {
-  static int counts[64] = {};
+// An attribute of the current device, cached per device (the kernels' launch heuristics read
+// them on every call).
+int device_attribute(cudaDeviceAttr attr) {
+  constexpr int kMaxDevices = 64;
+  static int sms[kMaxDevices] = {}, major[kMaxDevices] = {};
   const int dev = c10::cuda::current_device();
-  if (dev >= 64) return 108;
-  if (counts[dev] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev));
-  return counts[dev];
+  TORCH_CHECK(dev < kMaxDevices, "device index ", dev, " is out of range");
+  int* cache = attr == cudaDevAttrMultiProcessorCount ? sms : major;
+  if (cache[dev] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev], attr, dev));
+  return cache[dev];
 }
+
+int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+
+// WMMA on 16-bit types (bf16 included) needs sm_80 or newer.
+bool tensor_cores() { return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8; }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -681,7 +689,7 @@ void launch_bsr_spmm(const at::Tensor& x, const at::Tensor& values, const at::Te
   const int64_t B = x.size(0), K = x.size(1), N = y.size(1), n_brows = crow.size(0) - 1;
   const int64_t b_tiles = ceil_div(B, kTB);
   TORCH_CHECK(b_tiles <= 65535, "batch of ", B, " rows is too large for one launch");
-  const bool wmma = kHalfType<T> && bh % 16 == 0 && bw % 16 == 0 && aligned(values.data_ptr(), 32);
+  const bool wmma = kHalfType<T> && bh % 16 == 0 && bw % 16 == 0 && aligned(values.data_ptr(), 32) && tensor_cores();
   if constexpr (kHalfType<T>) {
     if (wmma) {
       const int64_t slices = bh / 16;
@@ -731,7 +739,7 @@ void launch_sddmm(const at::Tensor& a, const at::Tensor& c, const at::Tensor& cr
     return;
   }
   if constexpr (kHalfType<T>) {
-    if (bh % 16 == 0 && bw % 16 == 0) {
+    if (bh % 16 == 0 && bw % 16 == 0 && tensor_cores()) {
       const bool vec = aligned(a.data_ptr(), 16) && aligned(c.data_ptr(), 16);
       const dim3 grid(static_cast<unsigned>(nnz), static_cast<unsigned>(splits),
                       static_cast<unsigned>(ceil_div(bh, 64) * ceil_div(bw, 64)));

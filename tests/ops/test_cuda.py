@@ -3,8 +3,14 @@ reference with CUDA tensors: forward, gradients, the fused epilogue, half types 
 error against float64 at most twice plain PyTorch's at the same precision), NaN/Inf semantics,
 misaligned inputs, the split-batch sddmm, opcheck, and a SparseLinear under
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Everything here skips without a GPU.
+
+tests/conftest.py sets TRITON_INTERPRET=1 unless it is set already, which would send the "triton"
+cases through the interpreter: run this file with ``TRITON_INTERPRET=0`` on a GPU machine to test
+the compiled Triton kernels (the "triton" cases skip otherwise, saying so).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -40,6 +46,9 @@ def _skip(backend: str, fmt: str) -> None:
     why = backend_skip_reason(backend, "cuda")
     if why:
         pytest.skip(why)
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 (tests/conftest.py's default): run with TRITON_INTERPRET=0 to test "
+                    "the compiled Triton kernels on the GPU")
     from sparseode.ops import dispatch
 
     if fmt not in dispatch.get(backend).formats:
