@@ -268,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench/gpu_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
               "use --dry-run to list the rows", file=sys.stderr)
         return 2
+    try:
+        import triton.testing  # noqa: F401  (do_bench times every row)
+    except ImportError:
+        print("bench/gpu_kernels.py times with triton.testing.do_bench: install triton", file=sys.stderr)
+        return 2
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     print(f"device: {env['device']} | torch {env['torch']} (CUDA {env['cuda']}) | triton {env['triton']} | "
           f"tf32 {'on' if args.tf32 else 'off'}")
