@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from .forward_mode import exact_trace_forward, hutchinson_trace_forward, supports_forward_mode
 from .node import check_solver
 
-__all__ = ["CNF", "TRACES", "NOISES", "STOCHASTIC_TRACES", "exact_trace", "hutchinson_trace",
+__all__ = ["CNF", "TRACES", "FORWARD_TRACES", "NOISES", "STOCHASTIC_TRACES", "exact_trace", "hutchinson_trace",
            "standard_normal_logprob"]
 
 TraceFn = Callable[[nn.Module, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor]"]
@@ -89,6 +90,11 @@ def _rademacher(x: Tensor) -> Tensor:
 
 #: Trace computations by name: ``fn(field, t, x, noise) -> (dx/dt, -trace)``.
 TRACES: dict[str, TraceFn] = {"exact": exact_trace, "hutchinson": hutchinson_trace}
+#: The same traces by forward mode (``sparseode.models.forward_mode``): the CNF's inference
+#: dynamics, used when grad mode is off and the field is an MLP field; same probes, same values.
+FORWARD_TRACES: dict[str, TraceFn] = {"exact": exact_trace_forward, "hutchinson": hutchinson_trace_forward}
+#: How a CNF computes the trace when no gradient is needed.
+INFERENCE_TRACES: tuple[str, ...] = ("forward", "autograd")
 #: Traces that need a probe drawn per solve (kept as ``CNF._noise``).
 STOCHASTIC_TRACES: set[str] = {"hutchinson"}
 #: Probe distributions by name: ``fn(x) -> probe of x's shape and dtype`` (zero mean, identity covariance).
@@ -106,6 +112,9 @@ class CNF(nn.Module):
         T: integration time of each flow.
         method, rtol, atol, options: passed to torchdiffeq.
         adjoint: use ``odeint_adjoint`` for gradients.
+        inference_trace: with grad mode off, ``"forward"`` (default) pushes the tangents through
+            the field with its forward pass (:data:`FORWARD_TRACES`, MLP fields only; others fall
+            back to autograd); ``"autograd"`` always uses the vector-Jacobian products.
 
     Attributes:
         fields: ``nn.ModuleList`` of the flows' fields; ``field`` is the only one of a single flow.
@@ -127,6 +136,7 @@ class CNF(nn.Module):
         atol: float = 1e-5,
         adjoint: bool = False,
         options: dict[str, Any] | None = None,
+        inference_trace: str = "forward",
     ) -> None:
         super().__init__()
         fields = list(field) if not isinstance(field, nn.Module) or isinstance(field, nn.ModuleList) else [field]
@@ -138,6 +148,8 @@ class CNF(nn.Module):
             raise ValueError(f"noise must be one of {sorted(NOISES)}, got {noise!r}")
         if not (isinstance(T, (int, float)) and T > 0):
             raise ValueError(f"T must be a positive number, got {T!r}")
+        if inference_trace not in INFERENCE_TRACES:
+            raise ValueError(f"inference_trace must be one of {INFERENCE_TRACES}, got {inference_trace!r}")
         check_solver(method, rtol, atol)
         dims = {getattr(f, "dim", None) for f in fields} - {None}
         if len(dims) > 1:
@@ -152,6 +164,7 @@ class CNF(nn.Module):
         self.atol = float(atol)
         self.adjoint = bool(adjoint)
         self.options = dict(options) if options else None
+        self.inference_trace = inference_trace
         self.nfe = 0
         self._count = 0
         self._noise: Tensor | None = None
@@ -174,6 +187,8 @@ class CNF(nn.Module):
     def _flow_with_trace(self, field: nn.Module, x: Tensor, t0: float, t1: float) -> tuple[Tensor, Tensor]:
         """Integrate ``(x, 0)`` from t0 to t1; return ``(x(t1), ∫_{t0}^{t1} -tr dt)``."""
         trace_fn = TRACES[self.trace]
+        if self.inference_trace == "forward" and not torch.is_grad_enabled() and supports_forward_mode(field):
+            trace_fn = FORWARD_TRACES[self.trace]
         # one probe per solve, kept on the object; the closure holds its own reference so an
         # adjoint backward pass reuses this solve's probe even after later solves replaced _noise
         noise = NOISES[self.noise](x) if self.trace in STOCHASTIC_TRACES else None

@@ -15,20 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sparseode.activations import ACTIVATIONS as _ALL_ACTIVATIONS
 
 __all__ = ["ACTIVATIONS", "TIME_MODES", "ConcatLinear", "ConcatSquashLinear", "MLPVectorField"]
 
-#: Registry of activations by name. Adding one is one entry (a callable Tensor -> Tensor).
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "tanh": torch.tanh,
-    "softplus": F.softplus,
-    "sigmoid": torch.sigmoid,
-    "relu": F.relu,
-    "elu": F.elu,
-    "swish": F.silu,  # x * sigmoid(x), FFJORD's swish with beta fixed at 1
-}
+#: Registry of activations by name (from sparseode.activations, where adding one is one entry).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {k: v for k, v in _ALL_ACTIVATIONS.items() if k != "identity"}
 
 #: How a field sees time: None (autonomous), "concat" (t as an extra input column),
 #: "concatsquash" (FFJORD's gated layer).

@@ -1,62 +1,125 @@
-"""``sparsify`` and ``densify``: swap pruned ``nn.Linear`` layers for ``SparseLinear`` and back."""
+"""``sparsify`` and ``densify``: swap pruned ``nn.Linear`` layers for ``SparseLinear`` and back.
+
+Vector fields of ``sparseode.models`` get more than a layer swap: a ``ConcatLinear`` becomes a
+``FoldedConcatLinear`` (time column folded into the bias, no concatenation per step), a
+``ConcatSquashLinear`` keeps its gates dense and sparsifies its main weight, and an
+``MLPVectorField`` with sparse layers becomes a ``SparseMLPField`` that fuses bias and
+activation into the kernels.
+"""
 from __future__ import annotations
 
 from typing import Callable
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
+from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear, MLPVectorField
 from sparseode.nn.autoformat import choose_format
+from sparseode.models.forward_mode import effective_weight
+from sparseode.nn.field import FoldedConcatLinear, SparseMLPField
 from sparseode.nn.sparse_linear import SparseLinear, pruning_mask
 from sparseode.ops.layout import FORMATS
 
 SPARSIFY_FORMATS = ("auto",) + FORMATS
+FilterFn = Callable[[str, nn.Module], bool]
 
 
-def _candidates(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None, max_density: float):
-    """(parent, attribute, qualified name, linear, mask) for each layer to convert."""
+class _Converter:
+    """The conversion settings of one ``sparsify`` call."""
+
+    def __init__(self, format: str, backend: str, block: tuple[int, int], filter_fn: FilterFn | None,
+                 max_density: float, batch_hint: int) -> None:
+        self.format, self.backend, self.block = format, backend, block
+        self.filter_fn, self.max_density, self.batch_hint = filter_fn, max_density, batch_hint
+
+    def mask(self, name: str, linear: nn.Linear) -> Tensor | None:
+        """The kept mask of ``linear`` when it should be converted, else None."""
+        if self.filter_fn is not None and not self.filter_fn(name, linear):
+            return None
+        mask = pruning_mask(linear)
+        if mask is None:
+            mask = linear.weight.detach() != 0
+            if mask.numel() and float(mask.float().mean()) > self.max_density:
+                return None
+        return mask
+
+    def convert(self, linear: nn.Linear, mask: Tensor) -> SparseLinear | None:
+        """``SparseLinear`` of ``linear`` in the chosen format, or None where dense is faster."""
+        fmt = self.format
+        if fmt == "auto":
+            fmt = choose_format(effective_weight(linear).detach(), mask, backend=self.backend, block=self.block,
+                                batch=self.batch_hint)
+            if fmt == "dense":
+                return None
+        return SparseLinear.from_dense(linear, mask, format=fmt, backend=self.backend, block=self.block)
+
+
+def _children(model: nn.Module):
+    """(parent, attribute, qualified name, child) for every submodule, parents first."""
     for parent_name, parent in model.named_modules():
-        for attr, child in parent.named_children():
-            if not isinstance(child, nn.Linear):
-                continue
-            name = f"{parent_name}.{attr}" if parent_name else attr
-            if filter_fn is not None and not filter_fn(name, child):
-                continue
-            mask = pruning_mask(child)
-            if mask is None:
-                mask = child.weight.detach() != 0
-                if mask.numel() and float(mask.float().mean()) > max_density:
-                    continue
-            yield parent, attr, name, child, mask
+        for attr, child in list(parent.named_children()):
+            yield parent, attr, f"{parent_name}.{attr}" if parent_name else attr, child
+
+
+def _fold_concat_layers(model: nn.Module, conv: _Converter) -> None:
+    for parent, attr, name, child in list(_children(model)):
+        if not isinstance(child, ConcatLinear):
+            continue
+        mask = conv.mask(f"{name}.linear", child.linear)
+        if mask is None:
+            continue
+        d = child.in_features
+        state = nn.Linear(d, child.out_features, bias=child.linear.bias is not None)
+        state.weight.data = effective_weight(child.linear).detach()[:, :d].clone()
+        if conv.convert(state, mask[:, :d]) is None:
+            continue  # dense is faster here: leave the layer (and its prune mask) as it is
+        setattr(parent, attr, FoldedConcatLinear.from_concat(child, lambda lin, m: conv.convert(lin, m)))
+
+
+def _convert_linears(model: nn.Module, conv: _Converter) -> None:
+    for parent, attr, name, child in list(_children(model)):
+        if not isinstance(child, nn.Linear):
+            continue
+        if isinstance(parent, ConcatSquashLinear) and attr != "linear":
+            continue  # gates and hyper-biases see only t: they stay dense
+        if isinstance(parent, ConcatLinear):
+            continue  # handled (or deliberately left dense) by _fold_concat_layers
+        mask = conv.mask(name, child)
+        sparse = conv.convert(child, mask) if mask is not None else None
+        if sparse is not None:
+            setattr(parent, attr, sparse)
+
+
+def _wrap_fields(model: nn.Module) -> None:
+    for parent, attr, _name, child in list(_children(model)):
+        if isinstance(child, MLPVectorField) and any(
+                isinstance(m, (SparseLinear, FoldedConcatLinear)) for m in child.modules()):
+            setattr(parent, attr, SparseMLPField(child))
 
 
 def sparsify(model: nn.Module, format: str = "auto", backend: str = "auto", block: tuple[int, int] = (16, 16),
-             filter_fn: Callable[[str, nn.Module], bool] | None = None, max_density: float = 0.5,
-             batch_hint: int = 1024) -> nn.Module:
+             filter_fn: FilterFn | None = None, max_density: float = 0.5, batch_hint: int = 1024) -> nn.Module:
     """Replace pruned ``nn.Linear`` layers of ``model`` by :class:`SparseLinear`, in place.
 
     A layer is converted when it carries a ``torch.nn.utils.prune`` mask (``weight_mask``), or when
     the share of nonzeros in its weight is at most ``max_density``; ``filter_fn(name, module)``
     can exclude layers. ``format="auto"`` times dense, CSR and BSR on the layer (batch
-    ``batch_hint``) and keeps the layer as it is where sparse would be slower. Returns ``model``
-    (or the new module when ``model`` itself is an ``nn.Linear``).
+    ``batch_hint``) and keeps the layer as it is where sparse would be slower. Vector fields of
+    ``sparseode.models`` are converted as described in this module's docstring. Returns ``model``
+    (or the new module when ``model`` itself is an ``nn.Linear`` or ``MLPVectorField``).
     """
     if format not in SPARSIFY_FORMATS:
         raise ValueError(f"format must be one of {', '.join(SPARSIFY_FORMATS)}; got {format!r}")
     if not 0.0 <= max_density <= 1.0:
         raise ValueError(f"max_density must lie in [0, 1], got {max_density}")
-    if isinstance(model, nn.Linear):
-        holder = nn.Sequential(model)
+    if isinstance(model, (nn.Linear, MLPVectorField)):
+        holder = nn.ModuleList([model])
         sparsify(holder, format, backend, block, filter_fn, max_density, batch_hint)
         return holder[0]
-    for parent, attr, _name, linear, mask in list(_candidates(model, filter_fn, max_density)):
-        fmt = format
-        if fmt == "auto":
-            fmt = choose_format(linear.weight.detach(), mask, backend=backend, block=block, batch=batch_hint)
-            if fmt == "dense":
-                continue
-        setattr(parent, attr, SparseLinear.from_dense(linear, mask, format=fmt, backend=backend, block=block))
+    conv = _Converter(format, backend, block, filter_fn, max_density, batch_hint)
+    _fold_concat_layers(model, conv)
+    _convert_linears(model, conv)
+    _wrap_fields(model)
     return model
 
 
@@ -68,14 +131,34 @@ def _to_linear(layer: SparseLinear) -> nn.Module:
     return linear
 
 
+def _densify_module(module: nn.Module) -> nn.Module:
+    if isinstance(module, SparseLinear):
+        return _to_linear(module)
+    if isinstance(module, FoldedConcatLinear):
+        inner = module.inner
+        concat = module.to_concat()
+        if isinstance(inner, SparseLinear) and inner.from_pruned:
+            mask = inner.sparse.kept_mask()
+            full = nn.functional.pad(mask, (0, 1))
+            full[:, -1] = module.time_mask
+            torch_prune.custom_from_mask(concat.linear, "weight", full)
+        return concat
+    if isinstance(module, SparseMLPField):
+        return module.to_dense()
+    return module
+
+
 def densify(model: nn.Module) -> nn.Module:
     """Inverse of :func:`sparsify`: every ``SparseLinear`` becomes an ``nn.Linear`` with the same
-    weight and bias (and its ``torch.nn.utils.prune`` mask back where it had one). In place;
-    returns ``model`` (or the new module when ``model`` itself is a ``SparseLinear``)."""
-    if isinstance(model, SparseLinear):
-        return _to_linear(model)
-    for parent in list(model.modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, SparseLinear):
-                setattr(parent, attr, _to_linear(child))
+    weight and bias (and its ``torch.nn.utils.prune`` mask back where it had one), folded concat
+    layers and sparse fields become ``ConcatLinear`` and ``MLPVectorField`` again. In place;
+    returns ``model`` (or the new module when ``model`` itself is converted)."""
+    top = _densify_module(model)
+    if top is not model:
+        return densify(top) if top is not None else top
+    for parent, attr, _name, child in list(_children(model)):
+        new = _densify_module(child)
+        if new is not child:
+            setattr(parent, attr, new)
+            densify(new)
     return model

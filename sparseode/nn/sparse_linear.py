@@ -75,11 +75,15 @@ class SparseLinear(nn.Module):
                 f"input has shape {tuple(x.shape)}: expected (..., {self.in_features}) for a layer with "
                 f"in_features={self.in_features}"
             )
-        lead = x.shape[:-1]
+        return self.fused_linear(x, self._parameters["bias"], self.activation)
+
+    def fused_linear(self, z: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+        """act(z W^T + bias) in one kernel call, with a bias other than the layer's own (the vector
+        fields fold their time term into it). z (..., in_features) -> (..., out_features)."""
         sparse = self.sparse
-        y = registry.spmm(x.reshape(-1, self.in_features), sparse._parameters["values"], sparse.pattern,
-                          self._parameters["bias"], sparse.format, self.activation, self.backend)
-        return y.reshape(*lead, self.out_features)
+        y = registry.spmm(z.reshape(-1, self.in_features), sparse._parameters["values"], sparse.pattern, bias,
+                          sparse.format, activation, self.backend)
+        return y.reshape(*z.shape[:-1], self.out_features)
 
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the same weight and bias (the activation is not carried)."""

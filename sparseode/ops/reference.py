@@ -10,27 +10,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from sparseode.activations import ACTIVATIONS, GRADS_FROM_OUTPUT
+
 from sparseode.ops.layout import block_of, in_features, out_features
 
 
-# Activation functions of the fused epilogue, by name, and their derivative written in terms of the
-# output y = act(pre) so that the backward needs only the op's output.
-ACTIVATION_FNS = {
-    "identity": lambda v: v,
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "softplus": F.softplus,
-    "sigmoid": torch.sigmoid,
-    "elu": F.elu,
-}
-ACTIVATION_GRADS_FROM_OUTPUT = {
-    "identity": None,
-    "tanh": lambda y: 1 - y * y,
-    "relu": lambda y: (y > 0).to(y.dtype),
-    "softplus": lambda y: -torch.expm1(-y),  # sigmoid(x) = 1 - exp(-softplus(x))
-    "sigmoid": lambda y: y * (1 - y),
-    "elu": lambda y: torch.where(y > 0, torch.ones_like(y), y + 1),
-}
+# The activations the kernels fuse into their epilogue, and their derivative from the output.
+ACTIVATION_FNS = {name: ACTIVATIONS[name] for name in GRADS_FROM_OUTPUT}
+ACTIVATION_GRADS_FROM_OUTPUT = GRADS_FROM_OUTPUT
 
 
 def _coordinates(pattern: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,172 @@
+"""Forward-mode Jacobian-vector products of MLP vector fields, for the CNF's inference dynamics.
+
+Each layer of an ``MLPVectorField`` is seen at time t as an affine map of its input (an
+:class:`Affine`): ``layer(t, h) = scale * (h W^T) + shift``. Tangent directions v go through the
+same maps without the shift, times the activation's derivative, so ``J v`` rides along with the
+forward pass: the exact trace needs one stacked pass with the d unit vectors as tangents instead
+of d backward passes, and Hutchinson's estimate one pass with the probe.
+
+Layers other modules define (sparse layers) join by providing ``affine(t, like) -> Affine``;
+linear-like layers may provide ``fused_linear(z, bias, activation)`` (a kernel computing
+``act(z W^T + bias)``), which the field then uses with bias and activation fused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from sparseode.activations import ACTIVATIONS, GRADS_FROM_OUTPUT, derivative
+
+from .vector_field import ConcatLinear, ConcatSquashLinear
+
+Matmul = Callable[[Tensor, "Tensor | None", str], Tensor]
+
+
+def effective_weight(linear: nn.Linear) -> Tensor:
+    """The weight ``linear`` multiplies by: ``weight_orig * weight_mask`` when pruned with
+    torch.nn.utils.prune (``linear.weight`` is refreshed only by a forward call), else ``weight``."""
+    if hasattr(linear, "weight_orig") and hasattr(linear, "weight_mask"):
+        return linear.weight_orig * linear.weight_mask
+    return linear.weight
+
+
+def _dense(weight: Tensor) -> Matmul:
+    return lambda z, bias, activation: ACTIVATIONS[activation](F.linear(z, weight, bias))
+
+
+def linear_matmul(layer: nn.Module) -> Matmul:
+    """``fn(z, bias, activation) = act(z W^T + bias)`` of a linear-like layer, z (..., in)."""
+    fused = getattr(layer, "fused_linear", None)
+    if fused is not None:
+        return fused
+    if isinstance(layer, nn.Linear):
+        return _dense(effective_weight(layer))
+    raise TypeError(f"expected a linear layer, got {type(layer).__name__}")
+
+
+@dataclass
+class Affine:
+    """``layer(t, h) = scale * matmul(h, None, "identity") + shift`` at a fixed t, where
+    ``matmul(z, bias, act)`` computes ``act(z W^T + bias)``; ``scale``, ``shift``: (out,) or None.
+    With ``scale`` None, bias ``shift`` and the activation can be fused into one matmul call."""
+
+    matmul: Matmul
+    scale: Tensor | None
+    shift: Tensor | None
+
+
+def scalar_time(t: Tensor | float, like: Tensor) -> Tensor:
+    """``t`` as a 0-d tensor of ``like``'s dtype and device (one time for the whole batch)."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.numel() != 1:
+        raise ValueError(f"the affine view needs one time for the whole batch, got t of shape {tuple(t.shape)}")
+    return t.reshape(())
+
+
+def layer_affine(layer: nn.Module, t: Tensor | float, like: Tensor) -> Affine:
+    """The :class:`Affine` of one field layer at time ``t`` (``like`` gives dtype and device)."""
+    own = getattr(layer, "affine", None)
+    if own is not None:
+        return own(t, like)
+    if isinstance(layer, ConcatLinear):
+        weight = effective_weight(layer.linear)
+        d = layer.in_features
+        shift = weight[:, d] * scalar_time(t, like)
+        if layer.linear.bias is not None:
+            shift = shift + layer.linear.bias
+        return Affine(_dense(weight[:, :d]), None, shift)
+    if isinstance(layer, ConcatSquashLinear):
+        t_col = scalar_time(t, like).reshape(1, 1)
+        scale = torch.sigmoid(layer.gate(t_col)).reshape(-1)
+        shift = layer.hyper_bias(t_col).reshape(-1)
+        if layer.linear.bias is not None:
+            shift = shift + layer.linear.bias * scale
+        return Affine(linear_matmul(layer.linear), scale, shift)
+    return Affine(linear_matmul(layer), None, layer.bias)
+
+
+def _fusable(affine: Affine, activation: str) -> bool:
+    return affine.scale is None and activation in GRADS_FROM_OUTPUT
+
+
+def apply_affine(affine: Affine, h: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
+    """(act(layer(t, h)), pre-activation or None when bias and activation were fused)."""
+    if _fusable(affine, activation):
+        return affine.matmul(h, affine.shift, activation), None
+    pre = affine.matmul(h, None, "identity")
+    if affine.scale is not None:
+        pre = pre * affine.scale
+    if affine.shift is not None:
+        pre = pre + affine.shift
+    return ACTIVATIONS[activation](pre), pre
+
+
+def field_forward(field: nn.Module, t: Tensor | float, x: Tensor) -> Tensor:
+    """``field(t, x)`` through the affine views (bias and activation fused where possible)."""
+    h, last = x, len(field.layers) - 1
+    for i, layer in enumerate(field.layers):
+        h, _ = apply_affine(layer_affine(layer, t, x), h, field.activation if i < last else "identity")
+    return h
+
+
+def forward_with_tangents(field: nn.Module, t: Tensor | float, x: Tensor,
+                          tangents: Tensor) -> tuple[Tensor, Tensor]:
+    """``(f(t, x), J v)`` for every tangent v, J = df/dx at (t, x), by forward mode.
+
+    x (B, d); tangents (B, m, d), or (1, m, d) shared by the batch; returns f (B, d) and
+    J v (B, m, d).
+    """
+    B = x.shape[0]
+    h = x
+    v = tangents.expand(B, *tangents.shape[1:])
+    m = v.shape[1]
+    last = len(field.layers) - 1
+    for i, layer in enumerate(field.layers):
+        affine = layer_affine(layer, t, x)
+        dv = affine.matmul(v.reshape(B * m, -1), None, "identity").reshape(B, m, -1)
+        if affine.scale is not None:
+            dv = dv * affine.scale
+        activation = field.activation if i < last else "identity"
+        h, pre = apply_affine(affine, h, activation)
+        if activation != "identity":
+            dv = dv * derivative(activation, pre, h).unsqueeze(1)
+        v = dv
+    return h, v
+
+
+def supports_forward_mode(field: nn.Module) -> bool:
+    """True when ``field`` is an MLP field (``layers``, ``activation``) whose layers all have an
+    affine view and whose activation has a known derivative."""
+    layers = getattr(field, "layers", None)
+    activation = getattr(field, "activation", None)
+    if not isinstance(layers, nn.ModuleList) or activation not in ACTIVATIONS:
+        return False
+    known = (nn.Linear, ConcatLinear, ConcatSquashLinear)
+    return all(isinstance(layer, known) or hasattr(layer, "affine") or hasattr(layer, "fused_linear")
+               for layer in layers)
+
+
+def exact_trace_forward(field: nn.Module, t: Tensor, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(f(t, x), -tr(df/dx))`` with the d unit vectors as tangents (one pass, exact, any d).
+    x (B, d) -> (dx (B, d), -trace (B,)). ``noise`` is ignored."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(0)
+    dx, jv = forward_with_tangents(field, t, x2, eye)
+    trace = torch.diagonal(jv, dim1=1, dim2=2).sum(-1)
+    return dx.reshape(x.shape), -trace.reshape(lead)
+
+
+def hutchinson_trace_forward(field: nn.Module, t: Tensor, x: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(f(t, x), -eᵀ(df/dx)e)`` with the probe ``e = noise`` as the tangent (x's shape)."""
+    if noise is None or noise.shape != x.shape:
+        raise ValueError(f"hutchinson_trace_forward needs noise of x's shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    e = noise.reshape(-1, 1, d)
+    dx, jv = forward_with_tangents(field, t, x.reshape(-1, d), e)
+    estimate = (jv[:, 0] * e[:, 0]).sum(-1)
+    return dx.reshape(x.shape), -estimate.reshape(x.shape[:-1])
