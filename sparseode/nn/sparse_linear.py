@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sparseode.models.forward_mode import effective_weight
 from sparseode.ops import registry
 from sparseode.ops.formats import SparseWeight
 
@@ -54,7 +55,8 @@ class SparseLinear(nn.Module):
         pruned = pruning_mask(linear)
         if mask is None:
             mask = pruned
-        weight = SparseWeight.from_dense(linear.weight.detach(), mask, format=format, block=block)
+        # weight_orig * weight_mask, not .weight: the latter is refreshed only by a forward call
+        weight = SparseWeight.from_dense(effective_weight(linear).detach(), mask, format=format, block=block)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(weight, bias, backend=backend, activation=activation, from_pruned=pruned is not None)
 
