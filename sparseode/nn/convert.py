@@ -8,6 +8,7 @@ activation into the kernels.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 from torch import Tensor, nn
@@ -43,9 +44,15 @@ class _Converter:
                 return None
         return mask
 
-    def convert(self, linear: nn.Linear, mask: Tensor) -> SparseLinear | None:
-        """``SparseLinear`` of ``linear`` in the chosen format, or None where dense is faster."""
+    def convert(self, linear: nn.Linear, mask: Tensor, name: str = "") -> SparseLinear | None:
+        """``SparseLinear`` of ``linear`` in the chosen format, or None where dense is faster.
+        A layer that ``block`` does not tile gets CSR instead of BSR, with a warning."""
         fmt = self.format
+        bh, bw = self.block
+        if fmt == "bsr" and (linear.out_features % bh or linear.in_features % bw):
+            warnings.warn(f"block {self.block} does not tile layer {name or 'of shape'} "
+                          f"({linear.out_features}, {linear.in_features}): storing it as CSR", stacklevel=4)
+            fmt = "csr"
         if fmt == "auto":
             fmt = choose_format(effective_weight(linear).detach(), mask, backend=self.backend, block=self.block,
                                 batch=self.batch_hint)
@@ -71,9 +78,9 @@ def _fold_concat_layers(model: nn.Module, conv: _Converter) -> None:
         d = child.in_features
         state = nn.Linear(d, child.out_features, bias=child.linear.bias is not None)
         state.weight.data = effective_weight(child.linear).detach()[:, :d].clone()
-        if conv.convert(state, mask[:, :d]) is None:
+        if conv.format == "auto" and conv.convert(state, mask[:, :d], name) is None:
             continue  # dense is faster here: leave the layer (and its prune mask) as it is
-        setattr(parent, attr, FoldedConcatLinear.from_concat(child, lambda lin, m: conv.convert(lin, m)))
+        setattr(parent, attr, FoldedConcatLinear.from_concat(child, lambda lin, m: conv.convert(lin, m, name)))
 
 
 def _convert_linears(model: nn.Module, conv: _Converter) -> None:
@@ -85,7 +92,7 @@ def _convert_linears(model: nn.Module, conv: _Converter) -> None:
         if isinstance(parent, ConcatLinear):
             continue  # handled (or deliberately left dense) by _fold_concat_layers
         mask = conv.mask(name, child)
-        sparse = conv.convert(child, mask) if mask is not None else None
+        sparse = conv.convert(child, mask, name) if mask is not None else None
         if sparse is not None:
             setattr(parent, attr, sparse)
 
