@@ -62,9 +62,7 @@ constexpr int kLanes = 32 / sizeof(T);
 
 template <typename T>
 inline Vec<T> splat(T s) {
-  Vec<T> v;
-  for (int l = 0; l < kLanes<T>; ++l) v[l] = s;
-  return v;
+  return Vec<T>{} + s;  // vector + scalar broadcasts the scalar (one vbroadcastss)
 }
 
 // out[i * stride + j] = act(out[i * stride + j] + bias[i]) for i < rows, j < width.
@@ -82,9 +80,12 @@ void epilogue(T* out, const T* bias, int rows, int width, int stride) {
 // accumulated in registers at a time; when that leaves registers free (narrow tiles), P partial sums
 // over alternating blocks break the dependency chain of the multiply-adds. Bias and activation are
 // applied to each micro-tile while it is still in L1.
-template <typename T, int TB, int R>
+// BWC is the block width when known at compile time (1 for CSR: no inner column loop), else 0.
+template <typename T, int TB, int R, int BWC>
 void block_rows(const T* __restrict xT, const T* __restrict values, const int64_t* crow, const int64_t* col,
-                const T* bias, Activation act, int64_t bh, int64_t bw, int64_t r0, int64_t r1, T* __restrict yT) {
+                const T* bias, Activation act, int64_t bh, int64_t bw_runtime, int64_t r0, int64_t r1,
+                T* __restrict yT) {
+  const int64_t bw = BWC > 0 ? BWC : bw_runtime;
   using V = Vec<T>;
   constexpr int JW = std::min(TB, kAccum<T> / R);
   constexpr int NV = JW / kLanes<T>;
@@ -194,12 +195,23 @@ void spmm_tiles(const T* x, const T* values, const int64_t* crow, const int64_t*
       const int64_t b0 = tile * TB;
       const int64_t nb = std::min<int64_t>(TB, B - b0);
       const bool any_nonfinite = pack_tile<T, TB>(x, K, b0, nb, xT.data(), nonfinite);
-      if (bh % 4 == 0) {
-        block_rows<T, TB, 4>(xT.data(), values, crow, col, bias, act, bh, bw, r0, r1, yT.data());
+      const auto rows = [&](auto r_tag, auto bw_tag) {
+        block_rows<T, TB, decltype(r_tag)::value, decltype(bw_tag)::value>(xT.data(), values, crow, col, bias, act,
+                                                                            bh, bw, r0, r1, yT.data());
+      };
+      using I = std::integral_constant<int, 0>;
+      if (bh == 1 && bw == 1) {
+        rows(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
+      } else if (bh % 4 == 0 && bw == 16) {
+        rows(std::integral_constant<int, 4>{}, std::integral_constant<int, 16>{});
+      } else if (bh % 4 == 0 && bw == 32) {
+        rows(std::integral_constant<int, 4>{}, std::integral_constant<int, 32>{});
+      } else if (bh % 4 == 0) {
+        rows(std::integral_constant<int, 4>{}, I{});
       } else if (bh % 2 == 0) {
-        block_rows<T, TB, 2>(xT.data(), values, crow, col, bias, act, bh, bw, r0, r1, yT.data());
+        rows(std::integral_constant<int, 2>{}, I{});
       } else {
-        block_rows<T, TB, 1>(xT.data(), values, crow, col, bias, act, bh, bw, r0, r1, yT.data());
+        rows(std::integral_constant<int, 1>{}, I{});
       }
       if (any_nonfinite) poison_nonfinite<T, TB>(xT.data(), nonfinite, crow, col, K, bh, bw, r0, r1, yT.data());
       const int64_t row0 = r0 * bh;
