@@ -15,6 +15,7 @@ from sparseode.prune.masks import (
     LayerSparsity,
     SparsityReport,
     apply,
+    clone,
     load_pruned,
     masks,
     neuron_chains,
@@ -27,7 +28,7 @@ from sparseode.prune.schedule import PruneHistory, RoundRecord, default_schedule
 
 __all__ = [
     "importance", "apply", "sparsity", "remove", "iterative", "one_shot", "default_schedule",
-    "ICP", "hessian_spectrum", "mode_coverage", "masks", "load_pruned", "prunable_layers",
+    "ICP", "hessian_spectrum", "mode_coverage", "masks", "load_pruned", "clone", "prunable_layers",
     "neuron_chains", "fixed_step", "MEASURES", "Measure", "register_measure", "GRANULARITIES",
     "register_granularity", "ICP_MEASURES", "register_icp_measure", "DiscrepancyMeasure",
     "SparsityReport", "LayerSparsity", "PruneHistory", "RoundRecord", "HessianSpectrum",

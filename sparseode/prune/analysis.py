@@ -16,8 +16,6 @@ coordinate is fixed at zero, so the loss is a function of the others only), let 
 """
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -26,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from sparseode.prune.importance import LossFn, _batches, _resolve_loss
-from sparseode.prune.masks import load_pruned, logical_names, masks, sparsity
+from sparseode.prune.masks import clone, load_pruned, logical_names, masks, sparsity
 
 __all__ = ["hessian_spectrum", "HessianSpectrum", "mode_coverage"]
 
@@ -224,7 +222,7 @@ def mode_coverage(
     sample_fn = sample_fn or (lambda m, n: m.sample(n))
     out = []
     for sd in checkpoints:
-        m = copy.deepcopy(model)
+        m = clone(model)
         load_pruned(m, sd)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)

@@ -42,6 +42,7 @@ __all__ = [
     "prunable_layers",
     "neuron_chains",
     "load_pruned",
+    "clone",
     "SparsityReport",
     "LayerSparsity",
     "Granularity",
@@ -561,6 +562,23 @@ def sparsity(model: nn.Module, filter_fn: FilterFn | None = None) -> SparsityRep
             n = int((layer.weight == 0).sum())
         rep.layers[name] = LayerSparsity(n, get_mask(layer).numel())
     return rep
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works for pruned models.
+
+    After a forward pass in grad mode the pre-hook leaves ``module.weight = weight_orig * mask``
+    as a non-leaf tensor, which ``deepcopy`` refuses; it is recomputed before every call anyway,
+    so it is replaced by a detached value first.
+    """
+    import copy
+
+    with torch.no_grad():
+        for module in model.modules():
+            for t in pruned_tensor_names(module):
+                if hasattr(module, t + "_orig") and hasattr(module, t + "_mask"):
+                    setattr(module, t, getattr(module, t + "_orig") * getattr(module, t + "_mask"))
+    return copy.deepcopy(model)
 
 
 def load_pruned(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):

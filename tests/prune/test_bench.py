@@ -1,0 +1,57 @@
+"""Smoke tests of bench/prune_flows.py and bench/icp.py (tiny budgets, outputs under tmp_path)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_prune_flows_quick(tmp_path, capsys):
+    pf = _load("prune_flows")
+    rc = pf.main(["--quick", "--no-progress", "--methods", "magnitude,grasp", "--n-samples", "200",
+                  "--out", str(tmp_path), "--threads", str(torch.get_num_threads())])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["methods"]) == {"magnitude", "grasp"}
+    for m in res["methods"].values():
+        sp = [r["sparsity"] for r in m["rounds"]]
+        assert sp == pytest.approx([0.5, 0.8], abs=1e-3)
+    for f in ("nll_vs_sparsity.csv", "modes_vs_sparsity.csv", "nll_vs_sparsity.png", "modes_vs_sparsity.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert "test NLL" in capsys.readouterr().out
+
+
+def test_icp_quick(tmp_path, capsys):
+    icp = _load("icp")
+    out = tmp_path / "icp.json"
+    rc = icp.main(["--quick", "--no-progress", "--task", "clf", "--json", str(out),
+                   "--threads", str(torch.get_num_threads())])
+    assert rc == 0
+    res = json.loads(out.read_text())["results"][0]
+    assert res["icp"]["rounds"][-1]["stop_reason"] == "budget"
+    assert res["icp"]["epochs"] <= res["base"]["epochs"]
+    assert "epochs saved" in capsys.readouterr().out
