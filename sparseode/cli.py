@@ -17,8 +17,26 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="gaussians", help="a toy mixture density (default: gaussians)")
+    p.add_argument("--out", default="runs/demo", help="output folder (JSON record, checkpoints, plots)")
+    p.add_argument("--epochs", type=int, default=12, help="dense training epochs")
+    p.add_argument("--retrain-epochs", type=int, default=3, help="retraining epochs per pruning round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sparseode.demo import run_demo
+
+    run_demo(args.dataset, args.out, epochs=args.epochs, retrain_epochs=args.retrain_epochs, seed=args.seed,
+             progress=not args.no_progress)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "info": ("print the backends usable here and why any is missing", lambda p: None, _info),
+    "demo": ("train a CNF, prune it to 90% and 98%, sparsify, and compare solves", _demo_args, _demo),
 }
 
 
