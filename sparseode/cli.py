@@ -34,9 +34,130 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_for(kind: str, dataset: str, hidden: list[int]):
+    from sparseode import data, models
+
+    if kind == "cnf":
+        train = data.toy(dataset, n=8192, seed=0)
+        val = data.toy(dataset, n=2048, seed=1)
+        model = models.CNF(models.MLPVectorField(train.shape[1], tuple(hidden), activation="tanh"), rtol=1e-3, atol=1e-3)
+        return model, train, val
+    X, y = data.classification(dataset, n=4096, seed=0)
+    Xv, yv = data.classification(dataset, n=1024, seed=1)
+    model = models.ODEClassifier(X.shape[1], tuple(hidden), int(y.max()) + 1, augment=1, time="concat")
+    return model, (X, y), (Xv, yv)
+
+
+def _write_record(out: str, name: str, record: dict) -> None:
+    import json
+    from pathlib import Path
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / name).write_text(json.dumps(record, indent=1, default=float))
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=["cnf", "classifier"], default="cnf")
+    p.add_argument("--dataset", default="gaussians", help="toy density (cnf) or classification set (classifier)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/train", help="folder for model.pt, state_dict.pt, train.json")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparseode.train import fit
+
+    model, train, val = _model_for(args.model, args.dataset, args.hidden)
+    result = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_data=val,
+                 seed=args.seed)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.save(model, Path(args.out) / "model.pt")
+    torch.save(model.state_dict(), Path(args.out) / "state_dict.pt")
+    _write_record(args.out, "train.json", {"model": args.model, "dataset": args.dataset, "hidden": args.hidden,
+                                           "best_val": result.best_val, "epochs": result.epochs_run,
+                                           "history": result.history})
+    print(f"best validation metric {result.best_val:.4f}; wrote {args.out}/model.pt, state_dict.pt, train.json")
+    return 0
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `sparseode train`")
+    p.add_argument("--dataset", default=None, help="retraining data (default: the one in train.json beside it)")
+    p.add_argument("--target", type=float, default=0.9, help="final sparsity in [0, 1)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--method", default="magnitude")
+    p.add_argument("--granularity", default="weight", choices=["weight", "neuron", "block"])
+    p.add_argument("--stop", choices=["none", "icp"], default="none", help="ICP early stopping of intermediate rounds")
+    p.add_argument("--retrain-epochs", type=int, default=3)
+    p.add_argument("--out", default="runs/prune", help="folder for pruned.pt, sparse.pt, prune.json")
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import functools
+    import json
+    from pathlib import Path
+
+    from sparseode import prune
+    from sparseode.nn.convert import sparsify
+    from sparseode.train import fit
+
+    model = torch.load(args.checkpoint, weights_only=False)
+    meta_path = Path(args.checkpoint).with_name("train.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    dataset = args.dataset or meta.get("dataset")
+    if dataset is None:
+        raise SystemExit("--dataset is needed: no train.json next to the checkpoint")
+    _, train, val = _model_for(meta.get("model", "cnf"), dataset, meta.get("hidden", [64, 64, 64]))
+    retrain = functools.partial(fit, data=train, val_data=val, epochs=args.retrain_epochs, lr=3e-3, batch_size=512)
+    stop = None
+    if args.stop == "icp":
+        probe = [(val[:512],)] if isinstance(val, torch.Tensor) else [(val[0][:512], val[1][:512])]
+        stop = prune.ICP(probe=probe)
+    history = prune.iterative(model, fit=retrain, target=args.target, rounds=args.rounds, method=args.method,
+                              granularity=args.granularity, stop=stop)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.save(model, Path(args.out) / "pruned.pt")
+    torch.save(sparsify(prune.clone(model)), Path(args.out) / "sparse.pt")
+    _write_record(args.out, "prune.json", {"checkpoint": args.checkpoint, "target": args.target,
+                                           "method": args.method, "stop": args.stop, "rounds": history.to_dicts(),
+                                           "total_epochs": history.total_epochs})
+    print(prune.sparsity(model))
+    print(f"retraining epochs {history.total_epochs:.1f}; wrote {args.out}/pruned.pt, sparse.pt, prune.json")
+    return 0
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from sparseode import benchmark
+
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--fields", nargs="+", choices=sorted(benchmark.FIELDS), default=["toy64", "wide256"])
+    p.add_argument("--density", type=float, nargs="+", default=[0.1, 0.02])
+    p.add_argument("--batch", type=int, nargs="+", default=[1000])
+    p.add_argument("--tasks", nargs="+", choices=benchmark.TASKS, default=["log_prob"])
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from sparseode import benchmark
+
+    print(benchmark.HEADER)
+    rows = benchmark.run(args.fields, args.density, args.batch, args.tasks, device=args.device,
+                         report=lambda r: print(benchmark.format_row(r), flush=True))
+    _write_record(args.out, "bench.json", {"device": args.device, "rows": rows})
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "info": ("print the backends usable here and why any is missing", lambda p: None, _info),
     "demo": ("train a CNF, prune it to 90% and 98%, sparsify, and compare solves", _demo_args, _demo),
+    "train": ("train a CNF or an ODE classifier on a toy dataset", _train_args, _train),
+    "prune": ("prune a trained checkpoint iteratively (optionally with ICP) and sparsify it", _prune_args, _prune),
+    "bench": ("time CNF solves: dense vs masked vs sparsified (sparseode.benchmark)", _bench_args, _bench),
 }
 
 
