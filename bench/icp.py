@@ -153,6 +153,10 @@ def run_compare(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     }
 
 
+GRID_INFO = (0.2, 0.25, 0.35, 0.5)
+GRID_GRAD = (0.5, 0.75, 1.0, 1.5)
+
+
 def run_calibrate(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     rule = make_icp(args, task["probe"], task["spe"], calibrate=True)
     hist, test, wall = cascade(task, args, rule)
@@ -170,37 +174,35 @@ def run_calibrate(task: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     end_i = [max(r["info"][-2:]) for r in rows]
     end_g = [max(r["grad"][-2:]) for r in rows]
 
-    def q(xs, p):
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(p * (len(xs) - 1) + 0.5))]
-
-    # the steps at which a proposed rule would have stopped (patience 2), per round
-    prop_i, prop_g = q(end_i, 0.75), q(end_g, 0.75)
-    stops = []
-    for r in rows:
-        streak, stop = 0, None
-        for s, a, g in zip(r["steps"], r["info"], r["grad"]):
-            streak = streak + 1 if (a < prop_i and g <= prop_g) else 0
-            if streak >= args.patience and s >= args.min_steps:
-                stop = s
-                break
-        stops.append(stop)
+    # replay candidate tolerances on the recorded checks: fraction of the intermediate budget used
+    budget = (args.retrain_epochs if "flow" in task["name"] else args.clf_retrain_epochs) * task["spe"]
+    grid = {}
+    for ti in GRID_INFO:
+        for tg in GRID_GRAD:
+            for pat in (1, 2):
+                used = 0
+                for r in rows:
+                    streak, stop = 0, budget
+                    for s, a, g in zip(r["steps"], r["info"], r["grad"]):
+                        streak = streak + 1 if (a < ti and g <= tg) else 0
+                        if streak >= pat and s >= args.min_steps:
+                            stop = s
+                            break
+                    used += stop
+                grid[f"{ti},{tg},{pat}"] = used / (budget * len(rows))
     return {"task": task["name"], "test": test, "wall_s": wall, "rows": rows,
             "first_info": first_i, "first_grad": first_g, "end_info": end_i, "end_grad": end_g,
-            "proposal": {"tol_info": prop_i, "tol_grad": prop_g}, "proposal_stops": stops,
-            "budget_steps": args.retrain_epochs * task["spe"] if "flow" in task["name"]
-            else args.clf_retrain_epochs * task["spe"]}
+            "replay": grid, "budget_steps": budget}
 
 
 def _print_calibration(c: dict[str, Any]) -> None:
     print(f"\n== calibration: {c['task']} (no early stop; {len(c['rows'])} intermediate rounds, "
           f"{c['wall_s']:.0f} s) ==")
-    print(f"{'round':>5} {'sparsity':>8} | max_l D_l: first -> end | R_l range: first -> end   | "
-          f"proposed stop step / budget")
-    for r, s in zip(c["rows"], c["proposal_stops"]):
+    print(f"{'round':>5} {'sparsity':>8} | max_l D_l: first -> end | R_l range: first -> end   "
+          f"(first check at step {c['rows'][0]['steps'][0]}, end = last of {c['budget_steps']} steps)")
+    for r in c["rows"]:
         print(f"{r['round']:>5} {r['sparsity']:8.4f} | {r['info'][0]:8.3f} -> {max(r['info'][-2:]):6.3f}  | "
-              f"[{r['r_min'][0]:5.2f},{r['r_max'][0]:6.2f}] -> [{r['r_min'][-1]:5.2f},{r['r_max'][-1]:6.2f}] | "
-              f"{'-' if s is None else s:>5} / {c['budget_steps']}")
+              f"[{r['r_min'][0]:5.2f},{r['r_max'][0]:6.2f}] -> [{r['r_min'][-1]:5.2f},{r['r_max'][-1]:6.2f}]")
     last = c["rows"][len(c["rows"]) // 2]
     print(f"per layer at the end of round {last['round']}: D " +
           ", ".join(f"{k.split('.')[-2] if '.' in k else k}={v:.3f}" for k, v in last["layers_info"].items()) +
@@ -208,8 +210,10 @@ def _print_calibration(c: dict[str, Any]) -> None:
     med = statistics.median
     print(f"median right after pruning: D {med(c['first_info']):.3f}, |R-1| {med(c['first_grad']):.3f}; "
           f"at the end of the budget: D {med(c['end_info']):.3f}, |R-1| {med(c['end_grad']):.3f}")
-    print(f"proposal (75th percentile of the end-of-budget values): tol_info={c['proposal']['tol_info']:.3f} "
-          f"tol_grad={c['proposal']['tol_grad']:.3f}")
+    print("replayed on these checks (min_steps as given): fraction of the intermediate budget used")
+    print(f"{'tol_info':>8} " + " ".join(f"{'tol_grad=' + str(g) + ' p=' + str(p):>16}" for g in GRID_GRAD for p in (1, 2)))
+    for ti in GRID_INFO:
+        print(f"{ti:8.2f} " + " ".join(f"{c['replay'][f'{ti},{g},{p}']:16.2f}" for g in GRID_GRAD for p in (1, 2)))
 
 
 def main(argv: list[str] | None = None) -> int:

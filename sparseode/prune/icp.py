@@ -242,15 +242,16 @@ class ICP:
         **measure_kwargs: the measure's parameters (``tol_info``, ``tol_grad``, ``n_steps``, …).
 
     Defaults (``tol_info=0.35``, ``tol_grad=1.0``, ``patience=1``, ``check_every=10``,
-    ``min_steps=20``, ``max_epochs=None``) come from ``python bench/icp.py --calibrate``: on the
-    gaussians flow (25-round cascade to 90%, every round run to its budget while checking), the
-    largest layer discrepancy fell from a median 0.45 right after pruning to 0.32 at the end of the
-    budget (75th percentile 0.35) and the gradient-ratio deviation ``max_l |R_l − 1|`` from 2.95 to
-    0.73 (75th percentile 0.81); on the concentric classifier D stays near 0.16 while R swings
-    over orders of magnitude (its reference gradient is close to zero), so ``tol_grad=1.0`` (the
-    gradient at most twice the reference's) and ``patience=1`` with checks every 10 steps are what
-    separate "just pruned" from "recovered" in both; replayed on the recorded checks they end the
-    intermediate rounds after 54% (flow) and 65% (classifier) of their budget.
+    ``min_steps=20``, ``max_epochs=None``) come from ``python bench/icp.py --calibrate``: the
+    25-round magnitude cascade to 90% with every round run to its budget while checking. On the
+    gaussians flow the largest layer discrepancy falls from a median 0.41 right after pruning to
+    0.15 at the end of the budget, and the gradient ratios from R ≈ 2-4 to R ≈ 0.75-1.3
+    (median ``max_l |R_l − 1|`` 1.71 → 0.77); on the concentric classifier D stays near 0.16
+    while R swings from 0.04 to 60 (its reference gradient is close to zero). ``tol_info=0.35``
+    and ``tol_grad=1.0`` (no layer's gradient above twice the reference's) separate "just pruned"
+    from "recovered" on the flow; replayed on the recorded checks they use 36% (flow) and 65%
+    (classifier) of the intermediate budget with ``patience=1``, 51% and 84% with
+    ``patience=2``, hence ``patience=1`` with a check every 10 steps.
 
     Attributes:
         reason: why the last round stopped (``None`` while running).
