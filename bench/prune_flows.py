@@ -185,6 +185,12 @@ def run_method(method: str, dense: CNF, args: argparse.Namespace, data: dict[str
                               data=score_batches, n_batches=n_score, seed=args.seed,
                               evaluate=lambda m: test_nll(m, data["test"]), progress=not args.no_progress)
     rounds = []
+    hess = []
+    if args.hessian == "all" or args.hessian == method:
+        for sd in hist.checkpoints:
+            m = so.prune.clone(model)
+            so.prune.load_pruned(m, sd)
+            hess.append(hessian(m, data))
     cov = so.prune.mode_coverage(model, hist.checkpoints, DATASET, n_samples=args.n_samples, seed=0)
     for k, r in enumerate(hist.rounds):
         level = pre[k]
@@ -194,8 +200,17 @@ def run_method(method: str, dense: CNF, args: argparse.Namespace, data: dict[str
             "recovery_steps": _recovery_steps(curves[k], level + args.recover_tol),
             "modes": cov[k]["coverage"]["modes_captured"], "n_modes": cov[k]["coverage"]["n_modes"],
             "high_quality_3sd": cov[k]["coverage"]["high_quality"][cov[k]["coverage"]["ks"].index(3.0)],
+            **(hess[k] if hess else {}),
         })
     return {"method": method, "rounds": rounds, "wall_s": time.perf_counter() - t0}
+
+
+def hessian(model: CNF, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Top eigenvalue (10 power iterations) and Hutchinson trace (10 probes) of the NLL Hessian
+    over the unpruned weights, on 256 validation points."""
+    h = so.prune.hessian_spectrum(model, None, [(data["val"][:256],)], n_iter=10, n_hutchinson=10)
+    return {"hess_top": h.top_eigenvalue, "hess_trace": h.trace, "hess_trace_se": h.trace_stderr,
+            "hess_dim": h.dim}
 
 
 def _write_tables(out: Path, results: dict[str, Any]) -> str:
@@ -244,6 +259,17 @@ def _write_tables(out: Path, results: dict[str, Any]) -> str:
         steps = [r["recovery_steps"] if r["recovery_steps"] is not None else r["steps"] for r in rs]
         means.append(sum(steps) / len(steps))
     lines.append(f"{'mean steps':>16} | " + " ".join(f"{v:10.1f}" for v in means))
+    hm = [m for m in methods if "hess_top" in results["methods"][m]["rounds"][0]]
+    if hm:
+        d = results["dense"]
+        lines.append("")
+        lines.append(f"NLL Hessian over the unpruned weights (256 val points): top eigenvalue / trace "
+                     f"(dense {d['hess_top']:.1f} / {d['hess_trace']:.1f})")
+        lines.append(f"{'sparsity':>16} | " + " ".join(f"{m:>21}" for m in hm))
+        for i, s in enumerate(sp):
+            cells = [f"{results['methods'][m]['rounds'][i]['hess_top']:9.1f} / "
+                     f"{results['methods'][m]['rounds'][i]['hess_trace']:9.1f}" for m in hm]
+            lines.append(f"{s:8.3f} ({sp_all[i]:.3f}) | " + " ".join(f"{c:>21}" for c in cells))
     with open(out / "nll_vs_sparsity.csv", "w", newline="") as f:
         csv.writer(f).writerows([["sparsity", "sparsity_all", *methods], *rows_nll])
     with open(out / "modes_vs_sparsity.csv", "w", newline="") as f:
@@ -283,10 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--keep", default="0.8,0.6,0.4,0.3,0.2,0.1,0.05,0.02",
                    help="keep ratios of the cascade (default: a coarse version of so.prune.default_schedule)")
-    p.add_argument("--retrain-epochs", type=int, default=4)
+    p.add_argument("--retrain-epochs", type=int, default=5)
     p.add_argument("--n-score", type=int, default=4, help="batches averaged by the importance measures")
     p.add_argument("--n-samples", type=int, default=5000)
     p.add_argument("--recover-tol", type=float, default=0.01)
+    p.add_argument("--hessian", default="magnitude",
+                   help="Hessian spectrum at every checkpoint of this method ('all', 'none'; ~3 s each)")
     p.add_argument("--out", default="runs/prune_flows")
     p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
     args = p.parse_args(argv)
@@ -310,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "config": vars(args),
         "dense": {**dense_info, "test_nll": test_nll(dense, data["test"]),
+                  **(hessian(dense, data) if args.hessian != "none" else {}),
                   "entropy_floor": D.true_entropy(DATASET), "modes": cov["modes_captured"],
                   "high_quality_3sd": cov["high_quality"][cov["ks"].index(3.0)],
                   "n_modes": cov["n_modes"]},
