@@ -17,6 +17,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(sparseode, m) {
   // y = act(x W^T + bias), (B, N)
   m.def("bsr_spmm(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor? bias, str activation) -> Tensor");
+  // the same feature-major, inference only: xT (K, B) -> yT (N, B); bias and activation on the first
+  // act_cols columns, none on the rest (tangent directions of forward-mode products)
+  m.def("bsr_spmm_fm(Tensor xT, Tensor values, Tensor crow, Tensor col, Tensor? bias, str activation, int act_cols) -> Tensor");
   // dx = g W, (B, K), through the transposed pattern (crow_t, col_t) and the permutation `perm`
   // that maps each stored block of W^T to its block in `values`.
   m.def("bsr_spmm_t(Tensor g, Tensor values, Tensor crow_t, Tensor col_t, Tensor perm) -> Tensor");

@@ -80,12 +80,26 @@ void epilogue(T* out, const T* bias, int rows, int width, int stride) {
 // accumulated in registers at a time; when that leaves registers free (narrow tiles), P partial sums
 // over alternating blocks break the dependency chain of the multiply-adds. Bias and activation are
 // applied to each micro-tile while it is still in L1.
+// Where a task reads its feature-major batch tile and writes its output rows: x row k of the tile
+// at x + k * ld_x, output row o at y + (o - row_base) * ld_y. Bias and activation apply to the
+// first act_cols columns of the tile (the rest, e.g. tangent directions, get neither).
+template <typename T>
+struct TileIO {
+  const T* x;
+  int64_t ld_x;
+  T* y;
+  int64_t ld_y;
+  int64_t row_base;
+  int act_cols;
+};
+
 // BWC is the block width when known at compile time (1 for CSR: no inner column loop), else 0.
 template <typename T, int TB, int R, int BWC>
-void block_rows(const T* __restrict xT, const T* __restrict values, const int64_t* crow, const int64_t* col,
-                const T* bias, Activation act, int64_t bh, int64_t bw_runtime, int64_t r0, int64_t r1,
-                T* __restrict yT) {
+void block_rows(const TileIO<T>& io, const T* __restrict values, const int64_t* crow, const int64_t* col,
+                const T* bias, Activation act, int64_t bh, int64_t bw_runtime, int64_t r0, int64_t r1) {
   const int64_t bw = BWC > 0 ? BWC : bw_runtime;
+  const T* __restrict xT = io.x;
+  const int64_t ld_x = io.ld_x, ld_y = io.ld_y;
   using V = Vec<T>;
   constexpr int JW = std::min(TB, kAccum<T> / R);
   constexpr int NV = JW / kLanes<T>;
@@ -106,11 +120,11 @@ void block_rows(const T* __restrict xT, const T* __restrict values, const int64_
         // Adds block p into partial sum q.
         auto add_block = [&](int q, int64_t p) __attribute__((always_inline)) {
           const T* vblock = values + p * bsize + i0 * bw;
-          const T* xcol = xT + col[p] * bw * TB + jb;
+          const T* xcol = xT + col[p] * bw * ld_x + jb;
           for (int64_t c = 0; c < bw; ++c) {
             V xv[NV];
 #pragma GCC unroll 8
-            for (int n = 0; n < NV; ++n) std::memcpy(&xv[n], xcol + c * TB + n * kLanes<T>, sizeof(V));
+            for (int n = 0; n < NV; ++n) std::memcpy(&xv[n], xcol + c * ld_x + n * kLanes<T>, sizeof(V));
 #pragma GCC unroll 8
             for (int i = 0; i < R; ++i) {
               const V v = splat(vblock[i * bw + c]);
@@ -131,13 +145,15 @@ void block_rows(const T* __restrict xT, const T* __restrict values, const int64_
           for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
             for (int n = 0; n < NV; ++n) acc[0][i][n] += acc[q][i][n];
-        T* out = yT + ((r - r0) * bh + i0) * TB + jb;
+        T* out = io.y + (r * bh + i0 - io.row_base) * ld_y + jb;
 #pragma GCC unroll 8
         for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-          for (int n = 0; n < NV; ++n) std::memcpy(out + i * TB + n * kLanes<T>, &acc[0][i][n], sizeof(V));
+          for (int n = 0; n < NV; ++n) std::memcpy(out + i * ld_y + n * kLanes<T>, &acc[0][i][n], sizeof(V));
         const T* row_bias = bias ? bias + r * bh + i0 : nullptr;
-        dispatch_activation(act, [&](auto tag) { epilogue<T, decltype(tag)::value>(out, row_bias, R, JW, TB); });
+        const int width = std::clamp(io.act_cols - jb, 0, JW);
+        if (width > 0)
+          dispatch_activation(act, [&](auto tag) { epilogue<T, decltype(tag)::value>(out, row_bias, R, width, ld_y); });
       }
     }
   }
@@ -148,76 +164,132 @@ void block_rows(const T* __restrict xT, const T* __restrict values, const int64_
 // arithmetic. Runs only for tiles that hold a non-finite value, after the epilogue (every
 // activation maps NaN to NaN).
 template <typename T, int TB>
-void poison_nonfinite(const T* xT, const bool* nonfinite, const int64_t* crow, const int64_t* col, int64_t K,
-                      int64_t bh, int64_t bw, int64_t r0, int64_t r1, T* yT) {
+void poison_nonfinite(const TileIO<T>& io, const bool* nonfinite, const int64_t* crow, const int64_t* col, int64_t K,
+                      int64_t bh, int64_t bw, int64_t r0, int64_t r1) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (int j = 0; j < TB; ++j) {
     if (!nonfinite[j]) continue;
     for (int64_t k = 0; k < K; ++k) {
-      if (std::isfinite(xT[k * TB + j])) continue;
+      if (std::isfinite(io.x[k * io.ld_x + j])) continue;
       const int64_t kb = k / bw;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t* begin = col + crow[r];
         const int64_t* end = col + crow[r + 1];
         // columns are sorted within a row (formats.py builds them so)
         if (std::binary_search(begin, end, kb)) continue;
-        for (int64_t i = 0; i < bh; ++i) yT[((r - r0) * bh + i) * TB + j] = nan;
+        for (int64_t i = 0; i < bh; ++i) io.y[(r * bh + i - io.row_base) * io.ld_y + j] = nan;
       }
     }
   }
 }
 
+// Runs the block-row kernel for block rows [r0, r1) of one batch tile, picking the register
+// tiling (rows per micro-tile R, compile-time block width) from the block shape.
+template <typename T, int TB>
+void run_rows(const TileIO<T>& io, const T* values, const int64_t* crow, const int64_t* col, const T* bias,
+              Activation act, int64_t bh, int64_t bw, int64_t r0, int64_t r1) {
+  const auto rows = [&](auto r_tag, auto bw_tag) {
+    block_rows<T, TB, decltype(r_tag)::value, decltype(bw_tag)::value>(io, values, crow, col, bias, act, bh, bw, r0,
+                                                                        r1);
+  };
+  using I = std::integral_constant<int, 0>;
+  if (bh == 1 && bw == 1) {
+    rows(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
+  } else if (bh % 4 == 0 && bw == 16) {
+    rows(std::integral_constant<int, 4>{}, std::integral_constant<int, 16>{});
+  } else if (bh % 4 == 0 && bw == 32) {
+    rows(std::integral_constant<int, 4>{}, std::integral_constant<int, 32>{});
+  } else if (bh % 4 == 0) {
+    rows(std::integral_constant<int, 4>{}, I{});
+  } else if (bh % 2 == 0) {
+    rows(std::integral_constant<int, 2>{}, I{});
+  } else {
+    rows(std::integral_constant<int, 1>{}, I{});
+  }
+}
+
+// Per-thread scratch: a packed input tile and the output rows of a task.
+template <typename T>
+struct Scratch {
+  std::vector<T> x, y;
+};
+
+// Splits the work into (batch tile of TB columns) x (chunk of block rows) tasks over the threads and
+// calls task(b0, nb, r0, r1, scratch) for each: columns [b0, b0 + nb), block rows [r0, r1).
+template <typename T, int TB, typename Task>
+void for_each_task(int64_t B, int64_t n_brows, int64_t work, Task&& task) {
+  const int64_t n_tiles = (B + TB - 1) / TB;
+  const int64_t threads = at::get_num_threads();
+  // With fewer batch tiles than threads, block rows are split too.
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>((threads + n_tiles - 1) / n_tiles, n_brows));
+  const int64_t rows_per_chunk = (n_brows + n_chunks - 1) / n_chunks;
+  const int64_t n_tasks = n_tiles * n_chunks;
+  // Problems this small finish faster on the calling thread than waking the pool.
+  const int64_t grain = work < (1 << 15) ? n_tasks : 1;
+  at::parallel_for(0, n_tasks, grain, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = (t % n_chunks) * rows_per_chunk;
+      const int64_t r1 = std::min(n_brows, r0 + rows_per_chunk);
+      const int64_t b0 = (t / n_chunks) * TB;
+      if (r0 < r1) task(b0, std::min<int64_t>(TB, B - b0), r0, r1, scratch);
+    }
+  });
+}
+
+// Batch-major: x (B, K) -> y (B, N); each task transposes its batch tile in and its output out.
 template <typename T, int TB>
 void spmm_tiles(const T* x, const T* values, const int64_t* crow, const int64_t* col, const T* bias,
                 Activation act, int64_t B, int64_t K, int64_t N, int64_t bh, int64_t bw, T* y) {
   const int64_t n_brows = N / bh;
-  const int64_t n_tiles = (B + TB - 1) / TB;
-  const int64_t threads = at::get_num_threads();
-  // With fewer batch tiles than threads, block rows are split too (each task packs its own tile).
-  const int64_t n_chunks = std::min<int64_t>(std::max<int64_t>(1, (threads + n_tiles - 1) / n_tiles), n_brows);
-  const int64_t rows_per_chunk = n_chunks > 0 ? (n_brows + n_chunks - 1) / n_chunks : 0;
-  const int64_t n_tasks = n_tiles * std::max<int64_t>(n_chunks, 1);
-  const int64_t nnz = crow[n_brows];
-  // Problems this small finish faster on the calling thread than waking the pool.
-  const int64_t work = B * (nnz * bh * bw + K + N);
-  const int64_t grain = work < (1 << 15) ? n_tasks : 1;
-
-  at::parallel_for(0, n_tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> xT(static_cast<size_t>(K) * TB);
-    std::vector<T> yT(static_cast<size_t>(rows_per_chunk * bh) * TB);
+  const int64_t work = B * (crow[n_brows] * bh * bw + K + N);
+  for_each_task<T, TB>(B, n_brows, work, [&](int64_t b0, int64_t nb, int64_t r0, int64_t r1, Scratch<T>& s) {
+    s.x.resize(static_cast<size_t>(K) * TB);
+    s.y.resize(static_cast<size_t>((r1 - r0) * bh) * TB);
     bool nonfinite[TB];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t tile = task / std::max<int64_t>(n_chunks, 1);
-      const int64_t chunk = task % std::max<int64_t>(n_chunks, 1);
-      const int64_t r0 = chunk * rows_per_chunk;
-      const int64_t r1 = std::min(n_brows, r0 + rows_per_chunk);
-      if (r0 >= r1) continue;
-      const int64_t b0 = tile * TB;
-      const int64_t nb = std::min<int64_t>(TB, B - b0);
-      const bool any_nonfinite = pack_tile<T, TB>(x, K, b0, nb, xT.data(), nonfinite);
-      const auto rows = [&](auto r_tag, auto bw_tag) {
-        block_rows<T, TB, decltype(r_tag)::value, decltype(bw_tag)::value>(xT.data(), values, crow, col, bias, act,
-                                                                            bh, bw, r0, r1, yT.data());
-      };
-      using I = std::integral_constant<int, 0>;
-      if (bh == 1 && bw == 1) {
-        rows(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
-      } else if (bh % 4 == 0 && bw == 16) {
-        rows(std::integral_constant<int, 4>{}, std::integral_constant<int, 16>{});
-      } else if (bh % 4 == 0 && bw == 32) {
-        rows(std::integral_constant<int, 4>{}, std::integral_constant<int, 32>{});
-      } else if (bh % 4 == 0) {
-        rows(std::integral_constant<int, 4>{}, I{});
-      } else if (bh % 2 == 0) {
-        rows(std::integral_constant<int, 2>{}, I{});
-      } else {
-        rows(std::integral_constant<int, 1>{}, I{});
-      }
-      if (any_nonfinite) poison_nonfinite<T, TB>(xT.data(), nonfinite, crow, col, K, bh, bw, r0, r1, yT.data());
-      const int64_t row0 = r0 * bh;
-      const int64_t nrows = (r1 - r0) * bh;
-      transpose(yT.data(), TB, y + b0 * N + row0, N, nrows, nb);
+    const bool any_nonfinite = pack_tile<T, TB>(x, K, b0, nb, s.x.data(), nonfinite);
+    const TileIO<T> io{s.x.data(), TB, s.y.data(), TB, r0 * bh, TB};
+    run_rows<T, TB>(io, values, crow, col, bias, act, bh, bw, r0, r1);
+    if (any_nonfinite) poison_nonfinite<T, TB>(io, nonfinite, crow, col, K, bh, bw, r0, r1);
+    transpose(s.y.data(), TB, y + b0 * N + r0 * bh, N, (r1 - r0) * bh, nb);
+  });
+}
+
+// Marks the columns of a feature-major tile (K rows of TB values at stride ld) that hold NaN or Inf.
+template <typename T, int TB>
+bool find_nonfinite(const T* x, int64_t ld, int64_t K, bool* nonfinite) {
+  T check[TB] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int j = 0; j < TB; ++j) check[j] += x[k * ld + j] * T(0);  // 0 unless NaN/Inf: exact
+  bool any = false;
+  for (int j = 0; j < TB; ++j) any |= (nonfinite[j] = check[j] != T(0));
+  return any;
+}
+
+// Feature-major: xT (K, B) -> yT (N, B), no transposes. Full tiles are read and written in place;
+// the last, partial tile goes through a zero-padded copy. Bias and activation apply to columns
+// [0, act_cols) only.
+template <typename T, int TB>
+void spmm_fm_tiles(const T* xT, const T* values, const int64_t* crow, const int64_t* col, const T* bias,
+                   Activation act, int64_t act_cols, int64_t B, int64_t K, int64_t N, int64_t bh, int64_t bw,
+                   T* yT) {
+  const int64_t n_brows = N / bh;
+  const int64_t work = B * (crow[n_brows] * bh * bw + K + N);
+  for_each_task<T, TB>(B, n_brows, work, [&](int64_t b0, int64_t nb, int64_t r0, int64_t r1, Scratch<T>& s) {
+    const int tile_act = static_cast<int>(std::clamp<int64_t>(act_cols - b0, 0, TB));
+    TileIO<T> io{xT + b0, B, yT + b0, B, 0, tile_act};
+    if (nb < TB) {
+      s.x.assign(static_cast<size_t>(K) * TB, T(0));
+      s.y.resize(static_cast<size_t>((r1 - r0) * bh) * TB);
+      for (int64_t k = 0; k < K; ++k) std::copy_n(xT + k * B + b0, nb, s.x.data() + k * TB);
+      io = TileIO<T>{s.x.data(), TB, s.y.data(), TB, r0 * bh, tile_act};
     }
+    bool nonfinite[TB];
+    const bool any_nonfinite = find_nonfinite<T, TB>(io.x, io.ld_x, K, nonfinite);
+    run_rows<T, TB>(io, values, crow, col, bias, act, bh, bw, r0, r1);
+    if (any_nonfinite) poison_nonfinite<T, TB>(io, nonfinite, crow, col, K, bh, bw, r0, r1);
+    if (nb < TB)
+      for (int64_t o = r0 * bh; o < r1 * bh; ++o) std::copy_n(s.y.data() + (o - r0 * bh) * TB, nb, yT + o * B + b0);
   });
 }
 
@@ -232,20 +304,31 @@ int choose_tile(int64_t B, int64_t K) {
   return tb;
 }
 
+// act_cols < 0: batch-major x (B, K) -> y (B, N); else feature-major x (K, B) -> y (N, B) with bias
+// and activation on the first act_cols columns.
 template <typename T>
 void spmm_impl(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
-               const T* bias, Activation act, int64_t N, int64_t bh, int64_t bw, at::Tensor& y) {
-  const int64_t B = x.size(0), K = x.size(1);
+               const T* bias, Activation act, int64_t act_cols, int64_t N, int64_t bh, int64_t bw, at::Tensor& y) {
+  const bool fm = act_cols >= 0;
+  const int64_t B = fm ? x.size(1) : x.size(0), K = fm ? x.size(0) : x.size(1);
   const T* xp = x.data_ptr<T>();
   const T* vp = values.data_ptr<T>();
   const int64_t* cr = crow.data_ptr<int64_t>();
   const int64_t* cl = col.data_ptr<int64_t>();
   T* yp = y.data_ptr<T>();
+  const auto launch = [&](auto tb_tag) {
+    constexpr int TB = decltype(tb_tag)::value;
+    if (fm) {
+      spmm_fm_tiles<T, TB>(xp, vp, cr, cl, bias, act, act_cols, B, K, N, bh, bw, yp);
+    } else {
+      spmm_tiles<T, TB>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp);
+    }
+  };
   switch (choose_tile<T>(B, K)) {
-    case 8: spmm_tiles<T, 8>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp); break;
-    case 16: spmm_tiles<T, 16>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp); break;
-    case 32: spmm_tiles<T, 32>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp); break;
-    default: spmm_tiles<T, kAccum<T>>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp); break;
+    case 8: launch(std::integral_constant<int, 8>{}); break;
+    case 16: launch(std::integral_constant<int, 16>{}); break;
+    case 32: launch(std::integral_constant<int, 32>{}); break;
+    default: launch(std::integral_constant<int, kAccum<T>>{}); break;
   }
 }
 
@@ -314,9 +397,33 @@ at::Tensor bsr_spmm(const at::Tensor& x_in, const at::Tensor& values_in, const a
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_spmm_cpu", [&] {
     const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
-    spmm_impl<scalar_t>(x, values, crow_c, col_c, bp, act, N, bs.bh, bs.bw, y);
+    spmm_impl<scalar_t>(x, values, crow_c, col_c, bp, act, -1, N, bs.bh, bs.bw, y);
   });
   return y;
+}
+
+at::Tensor bsr_spmm_fm(const at::Tensor& xT_in, const at::Tensor& values_in, const at::Tensor& crow,
+                       const at::Tensor& col, const c10::optional<at::Tensor>& bias, std::string_view activation,
+                       int64_t act_cols) {
+  check_spmm_args(xT_in.t(), values_in, crow, col, bias);
+  CHECK_DEVICE_TYPE(xT_in, at::kCPU);
+  CHECK_FLOATING(xT_in);
+  TORCH_CHECK(act_cols >= 0, "act_cols must be >= 0, got ", act_cols);
+  const Activation act = parse_activation(activation);
+  const auto bs = block_shape_of(values_in);
+  TORCH_CHECK(xT_in.size(0) % bs.bw == 0, "xT has ", xT_in.size(0), " features, not a multiple of the block width ",
+              bs.bw);
+  const at::Tensor xT = xT_in.contiguous(), values = values_in.contiguous();
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  const int64_t N = (crow.size(0) - 1) * bs.bh;
+  at::Tensor yT = at::empty({N, xT.size(1)}, xT.options());
+  if (xT.size(1) == 0 || N == 0) return yT;
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(xT.scalar_type(), "bsr_spmm_fm_cpu", [&] {
+    const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
+    spmm_impl<scalar_t>(xT, values, crow_c, col_c, bp, act, act_cols, N, bs.bh, bs.bw, yT);
+  });
+  return yT;
 }
 
 at::Tensor bsr_spmm_t(const at::Tensor& g, const at::Tensor& values, const at::Tensor& crow_t,
@@ -358,6 +465,7 @@ at::Tensor bsr_sddmm(const at::Tensor& a, const at::Tensor& c, const at::Tensor&
 TORCH_LIBRARY_IMPL(sparseode, CPU, m) {
   m.impl("bsr_spmm", &bsr_spmm);
   m.impl("bsr_spmm_t", &bsr_spmm_t);
+  m.impl("bsr_spmm_fm", &bsr_spmm_fm);
   m.impl("bsr_sddmm", &bsr_sddmm);
 }
 

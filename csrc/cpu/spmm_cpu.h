@@ -13,6 +13,12 @@ namespace sparseode::cpu {
 at::Tensor bsr_spmm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
                     const c10::optional<at::Tensor>& bias, std::string_view activation);
 
+// The same product feature-major, for a whole field kept in that layout: xT (K, B) -> yT (N, B).
+// Bias and activation apply to the first act_cols columns only (the others carry tangent
+// directions of forward-mode products: no bias, no activation).
+at::Tensor bsr_spmm_fm(const at::Tensor& xT, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                       const c10::optional<at::Tensor>& bias, std::string_view activation, int64_t act_cols);
+
 // dx = g W: g (B, N); (crow_t, col_t) is the pattern of W^T and perm[q] the block of `values` that
 // the q-th stored block of W^T comes from. Returns (B, K).
 at::Tensor bsr_spmm_t(const at::Tensor& g, const at::Tensor& values, const at::Tensor& crow_t,

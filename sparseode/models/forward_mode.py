@@ -24,6 +24,7 @@ from sparseode.activations import ACTIVATIONS, GRADS_FROM_OUTPUT, derivative
 from .vector_field import ConcatLinear, ConcatSquashLinear
 
 Matmul = Callable[[Tensor, "Tensor | None", str], Tensor]
+MatmulFM = Callable[[Tensor, "Tensor | None", str, int], Tensor]
 
 
 def effective_weight(linear: nn.Linear) -> Tensor:
@@ -38,6 +39,17 @@ def _dense(weight: Tensor) -> Matmul:
     return lambda z, bias, activation: ACTIVATIONS[activation](F.linear(z, weight, bias))
 
 
+def _dense_fm(weight: Tensor) -> MatmulFM:
+    def matmul_fm(zT: Tensor, bias: Tensor | None, activation: str, act_cols: int) -> Tensor:
+        y = weight @ zT
+        if act_cols and (bias is not None or activation != "identity"):
+            head = y[:, :act_cols] + bias[:, None] if bias is not None else y[:, :act_cols]
+            y[:, :act_cols] = ACTIVATIONS[activation](head)
+        return y
+
+    return matmul_fm
+
+
 def linear_matmul(layer: nn.Module) -> Matmul:
     """``fn(z, bias, activation) = act(z W^T + bias)`` of a linear-like layer, z (..., in)."""
     fused = getattr(layer, "fused_linear", None)
@@ -48,15 +60,29 @@ def linear_matmul(layer: nn.Module) -> Matmul:
     raise TypeError(f"expected a linear layer, got {type(layer).__name__}")
 
 
+def linear_matmul_fm(layer: nn.Module) -> MatmulFM:
+    """Feature-major ``fn(zT, bias, activation, act_cols)``: zT (in, B) -> W zT (out, B) with bias
+    and activation on the first ``act_cols`` columns only (see :class:`Affine`)."""
+    fused = getattr(layer, "fused_linear_fm", None)
+    if fused is not None:
+        return fused
+    if isinstance(layer, nn.Linear):
+        return _dense_fm(effective_weight(layer))
+    raise TypeError(f"expected a linear layer, got {type(layer).__name__}")
+
+
 @dataclass
 class Affine:
     """``layer(t, h) = scale * matmul(h, None, "identity") + shift`` at a fixed t, where
     ``matmul(z, bias, act)`` computes ``act(z W^T + bias)``; ``scale``, ``shift``: (out,) or None.
-    With ``scale`` None, bias ``shift`` and the activation can be fused into one matmul call."""
+    With ``scale`` None, bias ``shift`` and the activation can be fused into one matmul call.
+    ``matmul_fm`` is the same product feature-major (z^T in, (W z^T) out), with the bias and
+    activation applied to a leading range of columns only (the states; the rest are tangents)."""
 
     matmul: Matmul
     scale: Tensor | None
     shift: Tensor | None
+    matmul_fm: MatmulFM
 
 
 def scalar_time(t: Tensor | float, like: Tensor) -> Tensor:
@@ -78,15 +104,15 @@ def layer_affine(layer: nn.Module, t: Tensor | float, like: Tensor) -> Affine:
         shift = weight[:, d] * scalar_time(t, like)
         if layer.linear.bias is not None:
             shift = shift + layer.linear.bias
-        return Affine(_dense(weight[:, :d]), None, shift)
+        return Affine(_dense(weight[:, :d]), None, shift, _dense_fm(weight[:, :d]))
     if isinstance(layer, ConcatSquashLinear):
         t_col = scalar_time(t, like).reshape(1, 1)
         scale = torch.sigmoid(layer.gate(t_col)).reshape(-1)
         shift = layer.hyper_bias(t_col).reshape(-1)
         if layer.linear.bias is not None:
             shift = shift + layer.linear.bias * scale
-        return Affine(linear_matmul(layer.linear), scale, shift)
-    return Affine(linear_matmul(layer), None, layer.bias)
+        return Affine(linear_matmul(layer.linear), scale, shift, linear_matmul_fm(layer.linear))
+    return Affine(linear_matmul(layer), None, layer.bias, linear_matmul_fm(layer))
 
 
 def _fusable(affine: Affine, activation: str) -> bool:
@@ -106,7 +132,9 @@ def apply_affine(affine: Affine, h: Tensor, activation: str) -> tuple[Tensor, Te
 
 
 def field_forward(field: nn.Module, t: Tensor | float, x: Tensor) -> Tensor:
-    """``field(t, x)`` through the affine views (bias and activation fused where possible)."""
+    """``field(t, x)`` through the affine views (bias and activation fused where possible), batch-
+    major (the layout the autograd ops take); without grad, :func:`forward_with_tangents` with no
+    tangents runs the same feature-major."""
     h, last = x, len(field.layers) - 1
     for i, layer in enumerate(field.layers):
         h, _ = apply_affine(layer_affine(layer, t, x), h, field.activation if i < last else "identity")
@@ -114,28 +142,41 @@ def field_forward(field: nn.Module, t: Tensor | float, x: Tensor) -> Tensor:
 
 
 def forward_with_tangents(field: nn.Module, t: Tensor | float, x: Tensor,
-                          tangents: Tensor) -> tuple[Tensor, Tensor]:
+                          tangents: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``(f(t, x), J v)`` for every tangent v, J = df/dx at (t, x), by forward mode.
 
-    x (B, d); tangents (B, m, d), or (1, m, d) shared by the batch; returns f (B, d) and
-    J v (B, m, d).
+    x (B, d); tangents (B, m, d), or (1, m, d) shared by the batch, or None; returns f (B, d) and
+    J v (B, m, d) (None without tangents). The states and tangents travel through the layers
+    together, feature-major: one (width, B (1 + m)) matrix, transposed only at entry and exit, with
+    bias and activation on the state columns and the activation's derivative on the tangents.
     """
-    B = x.shape[0]
-    h = x
-    v = tangents.expand(B, *tangents.shape[1:])
-    m = v.shape[1]
+    B, d = x.shape
+    columns = [x.t()]
+    m = 0
+    if tangents is not None:
+        m = tangents.shape[1]
+        columns.append(tangents.expand(B, m, d).permute(2, 1, 0).reshape(d, m * B))  # tangent k: cols B(1+k)..
+    H = torch.cat(columns, dim=1) if m else x.t().contiguous()
     last = len(field.layers) - 1
     for i, layer in enumerate(field.layers):
         affine = layer_affine(layer, t, x)
-        dv = affine.matmul(v.reshape(B * m, -1), None, "identity").reshape(B, m, -1)
-        if affine.scale is not None:
-            dv = dv * affine.scale
         activation = field.activation if i < last else "identity"
-        h, pre = apply_affine(affine, h, activation)
-        if activation != "identity":
-            dv = dv * derivative(activation, pre, h).unsqueeze(1)
-        v = dv
-    return h, v
+        if _fusable(affine, activation):
+            H = affine.matmul_fm(H, affine.shift, activation, B)
+            pre = None
+        else:
+            H = affine.matmul_fm(H, None, "identity", 0)
+            if affine.scale is not None:
+                H = H * affine.scale[:, None]
+            pre = H[:, :B] + affine.shift[:, None] if affine.shift is not None else H[:, :B]
+            H = torch.cat([ACTIVATIONS[activation](pre), H[:, B:]], dim=1) if activation != "identity" else \
+                torch.cat([pre, H[:, B:]], dim=1)
+        if m and activation != "identity":
+            grad = derivative(activation, pre, H[:, :B])
+            H = torch.cat([H[:, :B], (H[:, B:].reshape(-1, m, B) * grad[:, None, :]).reshape(-1, m * B)], dim=1)
+    f = H[:, :B].t()
+    jv = H[:, B:].reshape(d, m, B).permute(2, 1, 0) if m else None
+    return f, jv
 
 
 def supports_forward_mode(field: nn.Module) -> bool:

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from sparseode.activations import ACTIVATIONS
-from sparseode.models.forward_mode import Affine, effective_weight, field_forward, linear_matmul, scalar_time
+from sparseode.models.forward_mode import (
+    Affine,
+    effective_weight,
+    field_forward,
+    forward_with_tangents,
+    linear_matmul,
+    linear_matmul_fm,
+    scalar_time,
+)
 from sparseode.models.vector_field import ConcatLinear, MLPVectorField
 from sparseode.nn.sparse_linear import SparseLinear
 
@@ -53,7 +61,8 @@ class FoldedConcatLinear(nn.Module):
     def affine(self, t: Tensor | float, like: Tensor) -> Affine:
         shift = self.time_term() * scalar_time(t, like)
         bias = self.inner.bias
-        return Affine(linear_matmul(self.inner), None, shift if bias is None else bias + shift)
+        return Affine(linear_matmul(self.inner), None, shift if bias is None else bias + shift,
+                      linear_matmul_fm(self.inner))
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -90,6 +99,8 @@ class SparseMLPField(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (..., {self.dim}), got {tuple(x.shape)}")
         if torch.as_tensor(t).numel() == 1:
+            if not torch.is_grad_enabled() and x.dim() == 2:
+                return forward_with_tangents(self, t, x, None)[0]  # feature-major inference path
             return field_forward(self, t, x)
         # per-sample times (torchdiffeq passes one t; other callers may not): the layers' own calls
         act, h, last = ACTIVATIONS[self.activation], x, len(self.layers) - 1

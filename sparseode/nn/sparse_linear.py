@@ -87,6 +87,14 @@ class SparseLinear(nn.Module):
                           sparse.format, activation, self.backend)
         return y.reshape(*z.shape[:-1], self.out_features)
 
+    def fused_linear_fm(self, zT: Tensor, bias: Tensor | None, activation: str, act_cols: int) -> Tensor:
+        """Feature-major: zT (in_features, B) -> (out_features, B) = W zT, with ``bias`` and
+        ``activation`` on the first ``act_cols`` columns only (the vector fields keep their hidden
+        states and tangent directions this way, so nothing is transposed between layers)."""
+        sparse = self.sparse
+        return registry.spmm_fm(zT, sparse._parameters["values"], sparse.pattern, bias, sparse.format, activation,
+                                act_cols, self.backend)
+
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the same weight and bias (the activation is not carried)."""
         values = self.sparse.values

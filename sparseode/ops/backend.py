@@ -22,6 +22,7 @@ class Backend:
 
     name: str = ""
     formats: tuple[str, ...] = ()
+    feature_major: bool = False  # has a feature-major spmm kernel (_spmm_fm)
     dtypes: tuple = ()
     device_types: tuple[str, ...] = ()
 
@@ -45,6 +46,18 @@ class Backend:
             return reference.spmm(x, values, pattern, bias, fmt, activation)
         return self._spmm(x, _kept(values, pattern, fmt), pattern, bias, fmt, activation)
 
+    def spmm_fm(self, xT: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None, fmt: str,
+                activation: str, act_cols: int) -> Tensor:
+        """Feature-major spmm (see reference.spmm_fm): no autograd, for the inference path of fields
+        kept feature-major. Backends without a feature-major kernel transpose around their spmm."""
+        if fmt not in self.formats:
+            return reference.spmm_fm(xT, values, pattern, bias, fmt, activation, act_cols)
+        values = _kept(values, pattern, fmt)
+        if self.feature_major:
+            return self._spmm_fm(xT, values, pattern, bias, fmt, activation, act_cols)
+        y = self._spmm(xT.t(), values, pattern, None, fmt, "identity").t()
+        return reference.column_epilogue(y, bias, activation, act_cols)
+
     def spmm_t(self, g: Tensor, values: Tensor, pattern: list[Tensor], fmt: str) -> Tensor:
         if fmt not in self.formats:
             return reference.spmm_t(g, values, pattern, fmt)
@@ -62,6 +75,9 @@ class Backend:
         return out
 
     def _spmm(self, x, values, pattern, bias, fmt, activation):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _spmm_fm(self, xT, values, pattern, bias, fmt, activation, act_cols):  # pragma: no cover - interface
         raise NotImplementedError
 
     def _spmm_t(self, g, values, pattern, fmt):  # pragma: no cover - interface

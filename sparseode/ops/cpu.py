@@ -32,6 +32,10 @@ class CompiledBackend(Backend):
               activation: str) -> Tensor:
         return torch.ops.sparseode.bsr_spmm(x, values, pattern[0], pattern[1], bias, activation)
 
+    def _spmm_fm(self, xT: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None, fmt: str,
+                 activation: str, act_cols: int) -> Tensor:
+        return torch.ops.sparseode.bsr_spmm_fm(xT, values, pattern[0], pattern[1], bias, activation, act_cols)
+
     def _spmm_t(self, g: Tensor, values: Tensor, pattern: list[Tensor], fmt: str) -> Tensor:
         return torch.ops.sparseode.bsr_spmm_t(g, values, pattern[2], pattern[3], pattern[4])
 
@@ -41,3 +45,4 @@ class CompiledBackend(Backend):
 
 
 CPU = CompiledBackend("cpu", "cpu", (torch.float32, torch.float64))
+CPU.feature_major = True  # csrc/cpu has bsr_spmm_fm; the CUDA kernels do not (yet)

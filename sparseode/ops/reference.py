@@ -63,6 +63,21 @@ def spmm(x: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None, 
     return ACTIVATION_FNS[activation](F.linear(x, dense_weight(values, pattern, fmt), bias))
 
 
+def column_epilogue(y: Tensor, bias: Tensor | None, activation: str, act_cols: int) -> Tensor:
+    """Feature-major epilogue: act(y + bias) on columns [0, act_cols) of y (N, B), the rest as is."""
+    head = y[:, :act_cols]
+    if bias is not None:
+        head = head + bias[:, None]
+    return torch.cat([ACTIVATION_FNS[activation](head), y[:, act_cols:]], dim=1)
+
+
+def spmm_fm(xT: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None, fmt: str, activation: str,
+            act_cols: int) -> Tensor:
+    """Feature-major spmm: xT (K, B) -> W xT (N, B), with bias and activation on the first
+    ``act_cols`` columns only (the others are tangent directions of forward-mode products)."""
+    return column_epilogue(dense_weight(values, pattern, fmt) @ xT, bias, activation, act_cols)
+
+
 def spmm_t(g: Tensor, values: Tensor, pattern: list[Tensor], fmt: str) -> Tensor:
     """g W: g (B, N) -> (B, K)."""
     return g @ dense_weight(values, pattern, fmt)

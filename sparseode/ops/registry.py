@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sparseode.ops import dispatch
 from sparseode.ops.layout import PATTERN_FIELDS, check_format, in_features, out_features, values_shape
-from sparseode.ops.reference import ACTIVATION_FNS, ACTIVATION_GRADS_FROM_OUTPUT
+from sparseode.ops.reference import ACTIVATION_FNS, ACTIVATION_GRADS_FROM_OUTPUT, column_epilogue
 
 ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_FNS)
 
@@ -197,3 +197,19 @@ def sddmm(a: Tensor, c: Tensor, pattern: list[Tensor], fmt: str = "csr", backend
     if not _needs_op(a, c):
         return dispatch.get(name).sddmm(a, c, pattern, fmt)
     return _sddmm_op(a, c, pattern, fmt, name)
+
+
+def spmm_fm(xT: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None, fmt: str, activation: str,
+            act_cols: int, backend: str = "auto") -> Tensor:
+    """Feature-major spmm: xT (K, B) -> (N, B) = W xT, with bias and activation on the first
+    ``act_cols`` columns only. With autograd recording, it runs through the differentiable ops."""
+    _check_pattern(values, pattern, fmt)
+    if xT.dim() != 2 or xT.shape[0] != in_features(fmt, pattern):
+        raise ValueError(f"xT has shape {tuple(xT.shape)}: expected ({in_features(fmt, pattern)}, batch)")
+    if not 0 <= act_cols <= xT.shape[1]:
+        raise ValueError(f"act_cols must lie in [0, {xT.shape[1]}], got {act_cols}")
+    if _needs_op(xT, values, bias):
+        y = spmm(xT.t(), values, pattern, None, fmt, "identity", backend).t()
+        return column_epilogue(y, bias, activation, act_cols)
+    name = _backend_for(backend, xT, fmt)
+    return dispatch.get(name).spmm_fm(xT, values, pattern, bias, fmt, activation, act_cols)
