@@ -149,3 +149,27 @@ def test_partly_kept_bsr_block_gets_no_gradient():
     grad = layer.sparse.values.grad
     assert torch.count_nonzero(grad[~sw.block_mask]) == 0
     assert torch.count_nonzero(grad[sw.block_mask]) == 2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES[:8], ids=lambda s: s.id)
+def test_feature_major_spmm_matches_reference(shape, fmt, backend):
+    """xT (K, B) -> (N, B), bias and activation on the leading state columns only."""
+    _skip(backend)
+    x, w, mask, b, sw = _weight(shape, fmt, torch.float32)
+    xT = torch.randn(shape.inp, 3 * 37)  # 111 columns: full tiles and a partial one
+    xT[1 % shape.inp, 40] = float("nan")
+    for act_cols in (0, 37, 111):
+        got = registry.spmm_fm(xT, sw.values, sw.pattern, b, fmt, "tanh", act_cols, backend)
+        want = reference.spmm_fm(xT.double(), sw.values.double(), sw.pattern, b.double(), fmt, "tanh", act_cols)
+        torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=3e-5, equal_nan=True)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+
+
+def test_feature_major_spmm_is_differentiable_when_recording():
+    _, w, mask, b, sw = _weight(SHAPES[3], "csr", torch.float64)
+    xT = torch.randn(SHAPES[3].inp, 9, dtype=torch.float64, requires_grad=True)
+    v = sw.values.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda xT, v: registry.spmm_fm(xT, v, sw.pattern, b, "csr", "tanh", 4, "cpu"),
+                                    (xT, v))
