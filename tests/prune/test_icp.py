@@ -34,7 +34,7 @@ def _layer_io(model, probe):
 def test_discrepancy_values_match_independent_computation():
     model = mlp((3, 6, 6, 2))
     probe = batches(2, bs=7)
-    icp = so.prune.ICP(probe=probe, loss_fn=mse, tol_info=0.05, tol_grad=0.2)
+    icp = so.prune.ICP("discrepancy", probe=probe, loss_fn=mse, tol_info=0.05, tol_grad=0.2)
     icp.reference(model)
     a_ref, g_ref = _layer_io(model, probe)
     so.prune.apply(model, "magnitude", 0.5)
@@ -64,7 +64,7 @@ def test_unchanged_network_is_consistent_and_measures_are_a_registry():
         with pytest.raises(ValueError, match=arg):
             so.prune.ICP(probe=batches(1), **{arg: 0})
     with pytest.raises(ValueError, match="tol_info"):
-        so.prune.ICP(probe=batches(1), tol_info=0)
+        so.prune.ICP("discrepancy", probe=batches(1), tol_info=0)
 
 
 class Scripted:
@@ -132,7 +132,7 @@ def test_icp_stops_real_retraining_early():
     data = batches(8, bs=16)
     model = mlp((3, 16, 16, 2))
     loop_fit(model, data, epochs=40, lr=1e-2)
-    icp = so.prune.ICP(probe=batches(2, bs=32, seed=5), loss_fn=mse, tol_info=0.2, tol_grad=0.5,
+    icp = so.prune.ICP("discrepancy", probe=batches(2, bs=32, seed=5), loss_fn=mse, tol_info=0.2, tol_grad=0.5,
                        patience=2, check_every=4, min_steps=8)
     icp.reference(model)
     so.prune.apply(model, "magnitude", 0.3)

@@ -120,7 +120,7 @@ def test_iterative_with_data_measure_and_icp_saves_steps():
     for use_icp in (False, True):
         model = mlp((3, 32, 32, 2))
         model.load_state_dict(dense.state_dict())
-        stop = so.prune.ICP(probe=probe, loss_fn=mse, tol_info=0.3, tol_grad=0.5, patience=2,
+        stop = so.prune.ICP("discrepancy", probe=probe, loss_fn=mse, tol_info=0.3, tol_grad=0.5, patience=2,
                             check_every=4, min_steps=8) if use_icp else None
         runs[use_icp] = so.prune.iterative(model, fit, schedule=sched, method="snip", loss_fn=mse,
                                            data=data, n_batches=2, stop=stop, evaluate=evaluate,
