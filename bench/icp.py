@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clf-cache", default="runs/icp_clf_dense.pt")
     p.add_argument("--eval-rounds", type=int, default=1, help="evaluate the val metric after every round")
     # ICP parameters (defaults = the library's)
-    defaults = so.prune.ICP(probe=[(torch.zeros(1),)], loss_fn=lambda m, b: b[0].sum())
+    defaults = so.prune.ICP("discrepancy", probe=[(torch.zeros(1),)], loss_fn=lambda m, b: b[0].sum())
     meas = defaults.measure
     p.add_argument("--tol-info", type=float, default=meas.tol_info)
     p.add_argument("--tol-grad", type=float, default=meas.tol_grad)
