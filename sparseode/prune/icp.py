@@ -35,7 +35,8 @@ The rule
 The round stops at the first check that closes a run of ``patience`` consecutive consistent
 checks, but never before ``min_steps`` optimiser steps; or once ``max_epochs`` epochs are spent
 (``None``: the fit's own budget). The reason is recorded: ``"consistent"``, ``"max_epochs"``, or
-``"budget"`` when the fit ended on its own. Probe solves run with a fixed RNG seed (Hutchinson
+``"budget"`` when the fit ended on its own; ``"recovered"`` when the measure reports the held-out
+metric back at the reference's (``values["recovered"]``, the ``"connectivity"`` measure's early exit). Probe solves run with a fixed RNG seed (Hutchinson
 probes, etc.) so that every check sees the same noise.
 """
 from __future__ import annotations
@@ -230,7 +231,8 @@ class ICP:
         icp.reason                           # "consistent" | "max_epochs" | "budget"
 
     Args:
-        measure: a key of :data:`ICP_MEASURES` (``"discrepancy"``), or a measure object.
+        measure: a key of :data:`ICP_MEASURES` (``"connectivity"``, the published measure, see
+            :mod:`sparseode.prune.connectivity`; ``"discrepancy"``), or a measure object.
         probe: iterable of batches (tuples) held out from training; the same every check.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default ``sparseode.train.default_loss``.
         patience: consecutive consistent checks needed to stop.
@@ -241,7 +243,7 @@ class ICP:
             change seen in ``state.epoch``).
         **measure_kwargs: the measure's parameters (``tol_info``, ``tol_grad``, ``n_steps``, …).
 
-    Defaults (``tol_info=0.35``, ``tol_grad=1.0``, ``patience=1``, ``check_every=10``,
+    The ``"discrepancy"`` measure's defaults (``tol_info=0.35``, ``tol_grad=1.0``, ``patience=1``, ``check_every=10``,
     ``min_steps=20``, ``max_epochs=None``) come from ``python bench/icp.py --calibrate``: the
     25-round magnitude cascade to 90% with every round run to its budget while checking. On the
     gaussians flow the largest layer discrepancy falls from a median 0.41 right after pruning to
@@ -261,7 +263,7 @@ class ICP:
 
     def __init__(
         self,
-        measure: str | ICPMeasure = "discrepancy",
+        measure: str | ICPMeasure = "connectivity",
         probe: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
         *,
@@ -313,7 +315,13 @@ class ICP:
         return self.loss_fn
 
     def reference(self, model: nn.Module) -> None:
-        """Record the reference network's flows (call before pruning)."""
+        """Record the reference network's flows (call before pruning).
+
+        A measure with ``keep_first_reference`` True (``"connectivity"`` with ``reference="dense"``)
+        keeps the first reference recorded: later calls do nothing.
+        """
+        if self._has_ref and getattr(self.measure, "keep_first_reference", False):
+            return
         self.ref = self.measure.snapshot(model, self.probe, self._loss(model))
         self._has_ref = True
 
@@ -362,6 +370,9 @@ class ICP:
         ok, values = self.check(state.model)
         self._streak = self._streak + 1 if ok else 0
         self.checks.append({"step": self._steps, "consistent": ok, **values})
+        if values.get("recovered"):  # the measure saw the validation metric back at the reference's
+            self.reason = "recovered"
+            return True
         if self._streak >= self.patience and self._steps >= self.min_steps:
             self.reason = "consistent"
             return True
