@@ -3,12 +3,14 @@
 ``importance`` scores every trainable parameter (registry :data:`MEASURES`), ``apply`` turns
 scores into masks in the ``torch.nn.utils.prune`` layout (registry :data:`GRANULARITIES`),
 ``iterative`` runs the prune-retrain cascade, ``ICP`` stops its intermediate rounds early
-(registry :data:`ICP_MEASURES`), ``hessian_spectrum``/``mode_coverage`` analyse pruned flows.
+(registry :data:`ICP_MEASURES`; ``connectivity``/``gradient_flow`` are the published
+ICP flows), ``hessian_spectrum``/``mode_coverage`` analyse pruned flows.
 """
 from __future__ import annotations
 
 from sparseode.prune.analysis import HessianSpectrum, hessian_spectrum, mode_coverage
 from sparseode.prune.icp import ICP, ICP_MEASURES, DiscrepancyMeasure, fixed_step, register_icp_measure
+from sparseode.prune.connectivity import ConnectivityMeasure, connectivity, gradient_flow
 from sparseode.prune.importance import MEASURES, Measure, importance, register_measure
 from sparseode.prune.masks import (
     GRANULARITIES,
@@ -32,4 +34,5 @@ __all__ = [
     "neuron_chains", "fixed_step", "MEASURES", "Measure", "register_measure", "GRANULARITIES",
     "register_granularity", "ICP_MEASURES", "register_icp_measure", "DiscrepancyMeasure",
     "SparsityReport", "LayerSparsity", "PruneHistory", "RoundRecord", "HessianSpectrum",
+    "connectivity", "gradient_flow", "ConnectivityMeasure",
 ]
