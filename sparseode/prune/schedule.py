@@ -145,7 +145,7 @@ def iterative(
     model: nn.Module,
     fit: FitFn,
     target: float = 0.98,
-    schedule: Sequence[float] | None = None,
+    schedule: Sequence[float] | str | None = None,
     method: str = "magnitude",
     granularity: str = "weight",
     stop: Any = None,
@@ -163,6 +163,7 @@ def iterative(
     checkpoint_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    pq_params: Mapping[str, float] | None = None,
 ) -> PruneHistory:
     """Prune-retrain cascade: prune, retrain from the current weights, repeat; in place.
 
@@ -175,7 +176,12 @@ def iterative(
         target: final sparsity in [0, 1) (default 0.98).
         schedule: keep ratios, non-increasing in (0, 1]; default :func:`default_schedule`
             truncated at ``target`` (or ``rounds`` equal pruning factors when ``rounds`` is given:
-            ``keep_k = (1 − target)^(k/rounds)``, k = 1..rounds).
+            ``keep_k = (1 − target)^(k/rounds)``, k = 1..rounds). ``"pq"``: sparsity-adaptive
+            (SAP, Diao et al. 2023; :mod:`sparseode.prune.pq`): each round's keep ratio is computed
+            from the current weights by :func:`sparseode.prune.pq.pq_next_keep` (``pq_params``:
+            ``p, q, gamma, eta_r, beta``); the round that reaches ``target`` (clipped to it) is the
+            final one, and at most ``rounds`` rounds run (default 30; the last one goes to
+            ``target``).
         method: importance measure (a key of :data:`sparseode.prune.MEASURES`).
         granularity, scope, block, filter_fn: passed to :func:`sparseode.prune.apply`.
         stop: an early-stopping rule for the intermediate rounds, e.g. :class:`ICP`: must provide
@@ -190,6 +196,7 @@ def iterative(
         checkpoint_dir: also save every round's state dict as ``round_XX.pt`` there.
         seed: seed of the ``"random"`` measure (plus the round index).
         progress: a tqdm bar over the rounds.
+        pq_params: hyperparameters of ``schedule="pq"``.
 
     Returns:
         :class:`PruneHistory` with one :class:`RoundRecord` per round and every round's
@@ -200,7 +207,19 @@ def iterative(
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity={granularity!r}; choose one of {sorted(GRANULARITIES)}")
     target = _check_sparsity(target, "target")
-    if schedule is None:
+    adaptive = isinstance(schedule, str)
+    if adaptive:
+        if schedule != "pq":
+            raise ValueError(f"schedule must be keep ratios or 'pq', got {schedule!r}")
+        from sparseode.prune.pq import check_pq_params, pq_next_keep
+
+        pq_kw = {"p": 0.5, "q": 1.0, "gamma": 1.0, "eta_r": 0.0, "beta": 0.9, **dict(pq_params or {})}
+        check_pq_params(**pq_kw)
+        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+            raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+        max_rounds = rounds if rounds is not None else 30
+        keep: list[float] = []
+    elif schedule is None:
         if rounds is not None:
             if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
                 raise ValueError(f"rounds must be a positive int, got {rounds!r}")
@@ -222,10 +241,22 @@ def iterative(
     if evaluate is not None:
         hist.dense_metric = float(evaluate(model))
     spe: float | None = steps_per_epoch
-    bar = tqdm(keep, desc=f"prune {method}", disable=not progress, leave=False)
-    for k, kr in enumerate(bar):
+
+    def _plan() -> Iterable[tuple[int, float, bool]]:
+        if not adaptive:
+            yield from ((k, kr, k == len(keep) - 1) for k, kr in enumerate(keep))
+            return
+        for k in range(max_rounds):  # computed lazily, from the weights at the round's start
+            kr = pq_next_keep(model, filter_fn, **pq_kw)
+            final = kr <= 1.0 - target + 1e-12 or k == max_rounds - 1
+            yield k, (1.0 - target if final else kr), final
+            if final:
+                return
+
+    bar = tqdm(_plan(), total=None if adaptive else len(keep), desc=f"prune {method}",
+               disable=not progress, leave=False)
+    for k, kr, is_final in bar:
         t0 = time.perf_counter()
-        is_final = k == len(keep) - 1
         s_k = min(max(1.0 - kr, 0.0), 1.0 - 1e-12)
         use_stop = stop is not None and not is_final
         if use_stop:
