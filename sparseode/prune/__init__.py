@@ -26,6 +26,7 @@ from sparseode.prune.masks import (
     remove,
     sparsity,
 )
+from sparseode.prune.pq import pq_index, pq_keep_ratio, pq_next_keep
 from sparseode.prune.schedule import PruneHistory, RoundRecord, default_schedule, iterative, one_shot
 
 __all__ = [
@@ -34,5 +35,5 @@ __all__ = [
     "neuron_chains", "fixed_step", "MEASURES", "Measure", "register_measure", "GRANULARITIES",
     "register_granularity", "ICP_MEASURES", "register_icp_measure", "DiscrepancyMeasure",
     "SparsityReport", "LayerSparsity", "PruneHistory", "RoundRecord", "HessianSpectrum",
-    "connectivity", "gradient_flow", "ConnectivityMeasure",
+    "connectivity", "gradient_flow", "ConnectivityMeasure", "pq_index", "pq_keep_ratio", "pq_next_keep",
 ]
