@@ -52,7 +52,7 @@ def test_forward_mode_log_prob_matches_autograd(trace, time, sparse):
         field = so.sparsify(field, format="csr")
     x = torch.randn(64, field.dim)
     # fixed steps: both dynamics are evaluated at the same points, so only their values can differ
-    fixed = dict(method="rk4", options={"step_size": 0.05})
+    fixed = dict(method="rk4", options={"step_size": 0.1})
     autograd_cnf = CNF(field, trace=trace, inference_trace="autograd", **fixed)
     forward_cnf = CNF(field, trace=trace, **fixed)
     with torch.no_grad():
