@@ -18,3 +18,13 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, for suites of tiny problems (training loops) where a thread pool only adds
+    synchronisation. Kernel tests keep the default so multi-threaded splits are exercised."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,12 +10,7 @@ from sparseode.models import CNF, MLPVectorField, ODEClassifier
 from sparseode.train import FitResult, FitState, bits_per_dim, default_loss, evaluate, fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnf(seed=0, trace="exact"):

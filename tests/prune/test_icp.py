@@ -1,15 +1,10 @@
 """ICP: the discrepancy measure against independent computations, and the stopping rule."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn as nn
-from torch.func import functional_call
 
 import sparseode as so
-from sparseode.prune.icp import ICP_MEASURES, Snapshot
 from prune_helpers import batches, loop_fit, mlp, mse
 
 
