@@ -72,7 +72,7 @@ def _plot_nll(rows: list[dict[str, Any]], history: prune.PruneHistory, floor: fl
 
 
 def run_demo(dataset: str = "gaussians", out: str | Path = "runs/demo", *, hidden: tuple[int, ...] = (64, 64, 64),
-             epochs: int = 12, retrain_epochs: int = 3, n_train: int = 8192, batch_size: int = 512,
+             epochs: int = 30, retrain_epochs: int = 6, n_train: int = 8192, batch_size: int = 512,
              seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Run the demo; returns the JSON record (also written to ``out/demo.json``)."""
     out = Path(out)
