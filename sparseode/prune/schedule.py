@@ -17,7 +17,6 @@ sparsity); truncated at ``target`` (and ending exactly at it).
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
