@@ -27,6 +27,7 @@ from sparseode.prune.masks import (
     sparsity,
 )
 from sparseode.prune.pq import pq_index, pq_keep_ratio, pq_next_keep
+from sparseode.prune.rewind import rewinding
 from sparseode.prune.schedule import PruneHistory, RoundRecord, default_schedule, iterative, one_shot
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "register_granularity", "ICP_MEASURES", "register_icp_measure", "DiscrepancyMeasure",
     "SparsityReport", "LayerSparsity", "PruneHistory", "RoundRecord", "HessianSpectrum",
     "connectivity", "gradient_flow", "ConnectivityMeasure", "pq_index", "pq_keep_ratio", "pq_next_keep",
+    "rewinding",
 ]
