@@ -6,8 +6,9 @@
     python bench/icp_compare.py --quick                              # smoke test
 
 Tasks (the dense models and data of bench/icp.py, cached under runs/): the ``gaussians`` CNF
-(4x64 sigmoid field, hidden layers pruned per layer) to 90% sparsity, and the ``concentric``
-ODE classifier (2-32-32, all layers, global) to 95%. Each cascade is ``so.prune.iterative`` with
+(4x64 sigmoid field, hidden layers pruned per layer) to 90% sparsity, the ``concentric``
+ODE classifier (2-32-32, all layers, global) to 95%, and (``--task digits``) an ODE classifier on
+scikit-learn's 8x8 digits (64 -> field 64-64 -> 10, 1100 training images) to 95%. Each cascade is ``so.prune.iterative`` with
 global/layer magnitude pruning, retraining with a fresh AdamW each round, the final round always
 run to its budget; the stopping rules only shorten intermediate rounds:
 
@@ -46,6 +47,42 @@ from icp import clf_task, flow_task  # noqa: E402
 from prune_flows import common_args  # noqa: E402
 
 RULES = ("imp", "discrepancy", "connectivity")
+
+
+def digits_task(args: argparse.Namespace) -> dict[str, Any]:
+    """8x8 digits (scaled to [0, 1]), ODEClassifier 64 -> field (64, 64) -> 10, all layers, global scope."""
+    from sparseode.models import ODEClassifier
+    from sparseode.train import evaluate, fit
+
+    X, y = so.data.digits()
+    X = X / 16.0
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(X), generator=g)
+    tr, va, te, pr = perm[:1100], perm[1100:1350], perm[1350:1697], perm[1697:]
+    xtr, ytr = X[tr], y[tr]
+    torch.manual_seed(args.seed)
+    model = ODEClassifier(64, (64, 64), 10, time="concat", method="rk4", options={"step_size": 0.25})
+    cache = Path(args.digits_cache) if args.digits_cache else None
+    key = {"epochs": args.digits_epochs, "seed": args.seed}
+    if cache is not None and cache.exists() and torch.load(cache).get("key") == key:
+        model.load_state_dict(torch.load(cache)["state_dict"])
+    else:
+        fit(model, (xtr, ytr), epochs=args.digits_epochs, lr=3e-3, batch_size=128, seed=args.seed, progress=False)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "state_dict": model.state_dict()}, cache)
+
+    def _fitter(epochs: int):
+        def _fit(m, callbacks=()):
+            return fit(m, (xtr, ytr), epochs=epochs, lr=1e-3, batch_size=128, seed=args.seed,
+                       callbacks=list(callbacks), progress=False)
+        return _fit
+
+    acc = lambda idx: lambda m: 100.0 * evaluate(m, (X[idx], y[idx]))["accuracy"]  # noqa: E731
+    return {"name": "digits classifier", "metric": "test accuracy (%)", "dense": model,
+            "fit": _fitter(args.clf_retrain_epochs), "final_fit": _fitter(args.clf_final_epochs),
+            "prune": {"scope": "global", "filter_fn": None}, "spe": math.ceil(len(tr) / 128),
+            "probe": [(X[pr], y[pr])], "val": acc(va), "test": acc(te)}
 
 
 def make_rule(name: str, task: dict[str, Any], args: argparse.Namespace) -> so.prune.ICP | None:
@@ -116,7 +153,7 @@ def replay(res: dict[str, Any], budget: int, min_steps: int) -> dict[str, float]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(p)
-    p.add_argument("--task", choices=("flow", "clf"), default="clf")
+    p.add_argument("--task", choices=("flow", "clf", "digits"), default="clf")
     p.add_argument("--schedule", choices=("geometric", "pq"), default="geometric")
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--rounds", type=int, default=8, help="geometric: rounds; pq: at most this many")
@@ -131,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clf-final-epochs", type=int, default=8)
     p.add_argument("--clf-retrain-lr", type=float, default=3e-3)
     p.add_argument("--clf-cache", default="runs/icp_clf_dense.pt")
+    p.add_argument("--digits-epochs", type=int, default=30)
+    p.add_argument("--digits-cache", default="runs/icp_digits_dense.pt")
     p.add_argument("--eval-rounds", type=int, default=0, help="evaluate the val metric after every round")
     meas = so.prune.ConnectivityMeasure()
     p.add_argument("--eps-info", type=float, default=meas.eps_info)
@@ -152,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         args.n_train, args.n_test, args.n_val, args.dense_epochs, args.retrain_epochs = 512, 300, 300, 1, 1
         args.n_clf, args.clf_epochs, args.clf_retrain_epochs, args.clf_final_epochs = 256, 1, 1, 1
         args.final_epochs, args.rounds, args.width, args.depth = 1, 2, 16, 2
-        args.dense_cache = args.clf_cache = None
+        args.dense_cache = args.clf_cache = args.digits_cache = None
+        args.digits_epochs = 1
     if args.calibrate:
         args.rules = "connectivity"
     torch.set_num_threads(args.threads)
-    task = flow_task(args) if args.task == "flow" else clf_task(args)
+    task = {"flow": flow_task, "clf": clf_task, "digits": digits_task}[args.task](args)
     task["target"] = args.flow_target if args.task == "flow" else args.clf_target
     rules = [r for r in args.rules.split(",") if r]
     for r in rules:
