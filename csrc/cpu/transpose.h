@@ -56,6 +56,16 @@ inline void transpose_tile(const double* src, int64_t ld, double* dst, int64_t l
 template <typename T>
 constexpr int64_t kTile = 32 / sizeof(T);
 
+// The AVX register of T (a trait: __m256 as a template argument drops its alignment attribute).
+template <typename T>
+struct AvxOf {
+  using type = __m256;
+};
+template <>
+struct AvxOf<double> {
+  using type = __m256d;
+};
+
 inline bool any_nonzero(__m256 v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)) != 0; }
 inline bool any_nonzero(__m256d v) {
   return _mm256_movemask_pd(_mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_NEQ_UQ)) != 0;
@@ -82,7 +92,7 @@ inline bool transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int6
 #if defined(__AVX__)
   constexpr int64_t t = kTile<T>;
   const int64_t rows_full = rows - rows % t, cols_full = cols - cols % t;
-  std::conditional_t<std::is_same_v<T, float>, __m256, __m256d> check{};
+  typename AvxOf<T>::type check{};
   for (int64_t r = 0; r < rows_full; r += t)
     for (int64_t c = 0; c < cols_full; c += t)
       transpose_tile(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst, check);
