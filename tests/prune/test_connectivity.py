@@ -182,3 +182,25 @@ def test_bad_input_names_the_argument():
         connectivity(nn.Sequential(nn.Linear(3, 2)).double(), probe)
     with pytest.raises(ValueError, match="model"):
         connectivity(mlp(), probe, filter_fn=lambda n, m: n == "0")
+
+
+def test_stacked_cnf_pairs_per_field_and_fixed_probe_noise():
+    from torchdiffeq import odeint
+
+    torch.manual_seed(0)
+    fields = [so.models.MLPVectorField(2, (5, 4), time="concat") for _ in range(2)]
+    cnf = so.models.CNF(fields, trace="hutchinson", method="dopri5")
+    x = torch.randn(6, 2)
+    c = connectivity(cnf, [(x,)], n_steps=2)
+    assert c.shape == (4,)  # (3 layers − 1) pairs in each of the 2 fields
+    torch.testing.assert_close(connectivity(cnf, [(x,)], n_steps=2), c, rtol=0, atol=0)  # same probe noise
+    # field 0 sees the data x: its pairs equal a direct fixed-step solve of that field alone
+    rec = [[] for _ in range(3)]
+    hs = [layer.linear.register_forward_hook(lambda m, i, o, k=k: rec[k].append(o.detach()))
+          for k, layer in enumerate(fields[0].layers)]
+    odeint(fields[0], x, torch.tensor([0.0, 1.0]), method="rk4", options={"step_size": 0.5})
+    for h in hs:
+        h.remove()
+    torch.testing.assert_close(c[:2], _direct_connectivity([torch.cat(r) for r in rec]), rtol=1e-5, atol=1e-7)
+    g = gradient_flow(cnf, lambda m, b: -m.log_prob(b[0]).mean(), [(x,)], n_steps=2)
+    assert g.shape == (6,) and (g > 0).all()
