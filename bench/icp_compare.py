@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pq-eta", type=float, default=0.0)
     p.add_argument("--pq-gamma", type=float, default=1.0)
     p.add_argument("--calibrate", action="store_true", help="connectivity rule only, never stops early")
+    p.add_argument("--retrain-seed", type=int, default=None,
+                   help="seed of the retraining rounds only (default --seed; the dense model keeps --seed)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rules = "connectivity"
     torch.set_num_threads(args.threads)
     task = {"flow": flow_task, "clf": clf_task, "digits": digits_task}[args.task](args)
+    if args.retrain_seed is not None:  # the round fits read args.seed when called
+        args.seed = args.retrain_seed
     task["target"] = args.flow_target if args.task == "flow" else args.clf_target
     rules = [r for r in args.rules.split(",") if r]
     for r in rules:
