@@ -88,3 +88,17 @@ def test_bad_pq_input_names_the_argument():
     with pytest.raises(ValueError, match="gamma"):
         so.prune.iterative(mlp(), lambda m, callbacks=(): None, schedule="pq", pq_params={"gamma": -1},
                            progress=False)
+
+
+def test_pq_next_keep_reads_the_current_trainable_weights():
+    torch.manual_seed(0)
+    model = mlp((4, 8, 3))
+    so.prune.apply(model, "magnitude", 0.25)
+    before = pq_next_keep(model, eta_r=0.5)
+    with torch.no_grad():  # an optimiser step changes weight_orig; module.weight lags until the next forward
+        model[0].weight_orig.mul_(torch.linspace(0.01, 3.0, model[0].weight_orig.numel()).reshape_as(
+            model[0].weight_orig))
+    after = pq_next_keep(model, eta_r=0.5)
+    model(torch.zeros(1, 4, dtype=torch.float64))  # refresh module.weight
+    assert after == pytest.approx(pq_next_keep(model, eta_r=0.5), rel=0, abs=0)
+    assert after != before
