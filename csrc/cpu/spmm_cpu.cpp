@@ -42,23 +42,31 @@ bool pack_tile(const T* x, int64_t K, int64_t b0, int64_t nb, T* xT, bool* nonfi
   return any;
 }
 
-// One 32-byte SIMD register of T through the compiler's vector extension: AVX with -march flags
+// Bytes of one SIMD register: AVX-512 where the compiler targets it (-march=native on a CPU that
+// has it), else AVX (a pair of SSE registers on baseline x86-64).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+// One SIMD register of T
 // that have it, a pair of SSE registers otherwise.
 // (A vector_size attribute on a dependent alias template is dropped by gcc, hence the traits.)
 template <typename T>
 struct VecOf;
 template <>
 struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32)));
+  typedef float type __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32)));
+  typedef double type __attribute__((vector_size(kVecBytes)));
 };
 template <typename T>
 using Vec = typename VecOf<T>::type;
 template <typename T>
-constexpr int kLanes = 32 / sizeof(T);
+constexpr int kLanes = kVecBytes / sizeof(T);
 
 template <typename T>
 inline Vec<T> splat(T s) {
@@ -297,10 +305,10 @@ void spmm_fm_tiles(const T* xT, const T* values, const int64_t* crow, const int6
 // stays in L1 (random rows of it are read once per stored block), and no wider than a thread's share.
 template <typename T>
 int choose_tile(int64_t B, int64_t K) {
-  constexpr int64_t kL1Bytes = 24 * 1024;
+  constexpr int64_t kL1Bytes = 32 * 1024;
   const int64_t per_thread = (B + at::get_num_threads() - 1) / at::get_num_threads();
   int tb = 8;
-  while (tb < kAccum<T> && tb < per_thread) tb *= 2;
+  while (tb < kAccum<T> && tb < per_thread && int64_t(2 * tb) * K * int64_t(sizeof(T)) <= kL1Bytes) tb *= 2;
   return tb;
 }
 
@@ -324,10 +332,12 @@ void spmm_impl(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
       spmm_tiles<T, TB>(xp, vp, cr, cl, bias, act, B, K, N, bh, bw, yp);
     }
   };
+  // tiles narrower than one register are rounded up to one register
+  constexpr int L = kLanes<T>;
   switch (choose_tile<T>(B, K)) {
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    case 16: launch(std::integral_constant<int, 16>{}); break;
-    case 32: launch(std::integral_constant<int, 32>{}); break;
+    case 8: launch(std::integral_constant<int, std::max(8, L)>{}); break;
+    case 16: launch(std::integral_constant<int, std::max(16, L)>{}); break;
+    case 32: launch(std::integral_constant<int, std::max(32, L)>{}); break;
     default: launch(std::integral_constant<int, kAccum<T>>{}); break;
   }
 }
