@@ -24,7 +24,8 @@ and ``pq`` (SAP's PQ-index ratio per round, ``so.prune.pq``; at most ``rounds`` 
 one forced to the target).
 
 Reported per rule: total retraining epochs, wall time, final test NLL (flow, dopri5 at 1e-5) or test
-accuracy (classifier), and the per-round stop reasons.
+accuracy (classifier), and the per-round stop reasons. Results measured here, the thresholds'
+calibration and their reading: bench/results/icp_compare_cpu.md.
 """
 from __future__ import annotations
 
