@@ -10,11 +10,12 @@ product) work on every backend:
 * ``sddmm``  v = P o (a^T c):     da = spmm(c, V),      dc = spmm_t(a, V), V the weight of values dv
 
 The public functions check their arguments (naming the argument in the error), resolve
-``backend="auto"`` and call the op.
+``backend="auto"`` and call the op while torch.compile traces, the same formulas as plain autograd
+Functions in eager mode when a gradient is needed, and the backend kernel directly otherwise.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +25,24 @@ from sparseode.ops.layout import PATTERN_FIELDS, check_format, in_features, out_
 from sparseode.ops.reference import ACTIVATION_FNS, ACTIVATION_GRADS_FROM_OUTPUT, column_epilogue
 
 ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_FNS)
+
+
+class _Prims(NamedTuple):
+    """How a backward formula calls the primitives: through the registered ops (``OPS``: what
+    torch.compile and opcheck see) or through plain autograd Functions (``EAGER``: the same
+    formulas without the op machinery's ~0.1 ms per call, for eager training)."""
+
+    spmm: Callable
+    spmm_t: Callable
+    sddmm: Callable
+
+
+def _with_prims(setup: Callable, which: str) -> Callable:
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.prims = OPS if which == "ops" else EAGER
+
+    return setup_context
 
 
 # --- spmm -------------------------------------------------------------------------------------
@@ -51,13 +70,13 @@ def _spmm_backward(ctx, grad):
     if act_grad is not None:
         grad = grad * act_grad(y)
     need_x, need_values, _, need_bias = ctx.needs_input_grad[:4]
-    gx = _spmm_t_op(grad, values, pattern, ctx.fmt, ctx.backend) if need_x else None
-    gv = _sddmm_op(grad, x, pattern, ctx.fmt, ctx.backend) if need_values else None
+    gx = ctx.prims.spmm_t(grad, values, pattern, ctx.fmt, ctx.backend) if need_x else None
+    gv = ctx.prims.sddmm(grad, x, pattern, ctx.fmt, ctx.backend) if need_values else None
     gb = grad.sum(0) if need_bias else None
     return gx, gv, [None] * len(pattern), gb, None, None, None
 
 
-_spmm_op.register_autograd(_spmm_backward, setup_context=_spmm_setup)
+_spmm_op.register_autograd(_spmm_backward, setup_context=_with_prims(_spmm_setup, "ops"))
 
 
 # --- spmm_t -----------------------------------------------------------------------------------
@@ -80,12 +99,12 @@ def _spmm_t_setup(ctx, inputs, output):
 def _spmm_t_backward(ctx, grad):
     g, values, *pattern = ctx.saved_tensors
     need_g, need_values = ctx.needs_input_grad[:2]
-    gg = _spmm_op(grad, values, pattern, None, ctx.fmt, "identity", ctx.backend) if need_g else None
-    gv = _sddmm_op(g, grad, pattern, ctx.fmt, ctx.backend) if need_values else None
+    gg = ctx.prims.spmm(grad, values, pattern, None, ctx.fmt, "identity", ctx.backend) if need_g else None
+    gv = ctx.prims.sddmm(g, grad, pattern, ctx.fmt, ctx.backend) if need_values else None
     return gg, gv, [None] * len(pattern), None, None
 
 
-_spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_spmm_t_setup)
+_spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_with_prims(_spmm_t_setup, "ops"))
 
 
 # --- sddmm ------------------------------------------------------------------------------------
@@ -108,12 +127,36 @@ def _sddmm_setup(ctx, inputs, output):
 def _sddmm_backward(ctx, grad):
     a, c, *pattern = ctx.saved_tensors
     need_a, need_c = ctx.needs_input_grad[:2]
-    ga = _spmm_op(c, grad, pattern, None, ctx.fmt, "identity", ctx.backend) if need_a else None
-    gc = _spmm_t_op(a, grad, pattern, ctx.fmt, ctx.backend) if need_c else None
+    ga = ctx.prims.spmm(c, grad, pattern, None, ctx.fmt, "identity", ctx.backend) if need_a else None
+    gc = ctx.prims.spmm_t(a, grad, pattern, ctx.fmt, ctx.backend) if need_c else None
     return ga, gc, [None] * len(pattern), None, None
 
 
-_sddmm_op.register_autograd(_sddmm_backward, setup_context=_sddmm_setup)
+_sddmm_op.register_autograd(_sddmm_backward, setup_context=_with_prims(_sddmm_setup, "ops"))
+
+
+# --- eager autograd Functions with the same formulas ---------------------------------------------
+def _eager_function(name: str, setup: Callable, backward: Callable) -> type:
+    """An autograd.Function running backend method ``name`` (the backend is the last argument)."""
+
+    def forward(*args):
+        return getattr(dispatch.get(args[-1]), name)(*args[:-1])
+
+    def function_backward(ctx, grad):
+        # the op formulas return a list of Nones for the pattern list; a Function returns one None
+        return tuple(None if isinstance(g, list) else g for g in backward(ctx, grad))
+
+    return type(f"_{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(_with_prims(setup, "eager")),
+        "backward": staticmethod(function_backward),
+    })
+
+
+OPS = _Prims(_spmm_op, _spmm_t_op, _sddmm_op)
+EAGER = _Prims(_eager_function("spmm", _spmm_setup, _spmm_backward).apply,
+               _eager_function("spmm_t", _spmm_t_setup, _spmm_t_backward).apply,
+               _eager_function("sddmm", _sddmm_setup, _sddmm_backward).apply)
 
 
 # --- public, checked entry points ---------------------------------------------------------------
@@ -141,13 +184,15 @@ def _check_operand(name: str, t: Tensor, values: Tensor, width: int, what: str) 
         raise ValueError(f"{name} is on {t.device} but the weight is on {values.device}")
 
 
-def _needs_op(*tensors: Tensor | None) -> bool:
-    """True when the call must go through the registered op: autograd will record it, or
-    torch.compile is tracing. Otherwise the backend kernel is called directly, which saves the
-    op machinery's ~30 us per call on the solver's inference path."""
+def _prims_for(*tensors: Tensor | None) -> _Prims | None:
+    """The registered ops while torch.compile traces, the eager Functions when autograd will record
+    the call, None when neither: then the backend kernel is called directly (no autograd
+    bookkeeping at all on the solver's inference path)."""
     if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return OPS
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return EAGER
+    return None
 
 
 def _backend_for(backend: str, t: Tensor, fmt: str) -> str:
@@ -170,9 +215,10 @@ def spmm(x: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None =
         if bias.dtype != values.dtype or bias.device != values.device:
             raise TypeError(f"bias must match the weight's dtype and device ({values.dtype}, {values.device})")
     name = _backend_for(backend, x, fmt)
-    if not _needs_op(x, values, bias):
+    prims = _prims_for(x, values, bias)
+    if prims is None:
         return dispatch.get(name).spmm(x, values, pattern, bias, fmt, activation)
-    return _spmm_op(x, values, pattern, bias, fmt, activation, name)
+    return prims.spmm(x, values, pattern, bias, fmt, activation, name)
 
 
 def spmm_t(g: Tensor, values: Tensor, pattern: list[Tensor], fmt: str = "csr", backend: str = "auto") -> Tensor:
@@ -180,9 +226,10 @@ def spmm_t(g: Tensor, values: Tensor, pattern: list[Tensor], fmt: str = "csr", b
     _check_pattern(values, pattern, fmt)
     _check_operand("g", g, values, out_features(fmt, pattern), "output features")
     name = _backend_for(backend, g, fmt)
-    if not _needs_op(g, values):
+    prims = _prims_for(g, values)
+    if prims is None:
         return dispatch.get(name).spmm_t(g, values, pattern, fmt)
-    return _spmm_t_op(g, values, pattern, fmt, name)
+    return prims.spmm_t(g, values, pattern, fmt, name)
 
 
 def sddmm(a: Tensor, c: Tensor, pattern: list[Tensor], fmt: str = "csr", backend: str = "auto") -> Tensor:
@@ -194,9 +241,10 @@ def sddmm(a: Tensor, c: Tensor, pattern: list[Tensor], fmt: str = "csr", backend
     if a.shape[0] != c.shape[0]:
         raise ValueError(f"a and c must share the batch size, got {a.shape[0]} and {c.shape[0]}")
     name = _backend_for(backend, a, fmt)
-    if not _needs_op(a, c):
+    prims = _prims_for(a, c)
+    if prims is None:
         return dispatch.get(name).sddmm(a, c, pattern, fmt)
-    return _sddmm_op(a, c, pattern, fmt, name)
+    return prims.sddmm(a, c, pattern, fmt, name)
 
 
 def spmm_fm(xT: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None, fmt: str, activation: str,
@@ -208,7 +256,7 @@ def spmm_fm(xT: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | No
         raise ValueError(f"xT has shape {tuple(xT.shape)}: expected ({in_features(fmt, pattern)}, batch)")
     if not 0 <= act_cols <= xT.shape[1]:
         raise ValueError(f"act_cols must lie in [0, {xT.shape[1]}], got {act_cols}")
-    if _needs_op(xT, values, bias):
+    if _prims_for(xT, values, bias) is not None:
         y = spmm(xT.t(), values, pattern, None, fmt, "identity", backend).t()
         return column_epilogue(y, bias, activation, act_cols)
     name = _backend_for(backend, xT, fmt)
