@@ -151,6 +151,29 @@ def replay(res: dict[str, Any], budget: int, min_steps: int) -> dict[str, float]
     return out
 
 
+def plot_checks(out: dict[str, Any], path: str) -> None:
+    """One panel per ICP rule and distance: the distance at every check against the step within
+    its round, one line per round (darker = later round)."""
+    from matplotlib import cm
+    from matplotlib.figure import Figure
+
+    results = [r for r in out["results"] if r["rule"] != "imp"]
+    fig = Figure(figsize=(9, 3.2 * max(1, len(results))))
+    axes = fig.subplots(max(1, len(results)), 2, squeeze=False)
+    for row, res in zip(axes, results):
+        rounds = [rr for rr in res["rounds"] if rr["n_checks"]]
+        for k, rr in enumerate(rounds):
+            color = cm.viridis(k / max(1, len(rounds) - 1))
+            row[0].plot(rr["check_steps"], rr["check_info"], color=color, lw=1)
+            row[1].plot(rr["check_steps"], rr["check_grad"], color=color, lw=1)
+        row[0].set_title(f"{res['rule']}: information distance", fontsize=9)
+        row[1].set_title(f"{res['rule']}: gradient distance", fontsize=9)
+        for ax in row:
+            ax.set_xlabel("step within the round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(p)
@@ -188,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seed of the retraining rounds only (default --seed; the dense model keeps --seed)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: each ICP rule's distances against steps within each round")
     args = p.parse_args(argv)
     args.no_progress = True
     if args.quick:
@@ -213,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rules:
         out["results"].append(cascade(task, args, r))
     out["wall_s"] = time.perf_counter() - t0
+    if args.plot:
+        plot_checks(out, args.plot)
 
     print(f"\n== {task['name']} to {task['target']:.0%}, {args.schedule} schedule "
           f"({'<= ' if args.schedule == 'pq' else ''}{args.rounds} rounds), magnitude; "
