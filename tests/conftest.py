@@ -28,3 +28,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _format_cache_in_tmp(tmp_path_factory):
+    """format="auto" caches its measured choices on disk: keep the tests' cache out of $HOME."""
+    old = os.environ.get("SPARSEODE_CACHE_DIR")
+    os.environ["SPARSEODE_CACHE_DIR"] = str(tmp_path_factory.mktemp("sparseode-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SPARSEODE_CACHE_DIR", None)
+    else:
+        os.environ["SPARSEODE_CACHE_DIR"] = old
