@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sparseode.prune.importance import MEASURES, LossFn, importance
 from sparseode.prune.masks import GRANULARITIES, FilterFn, _check_sparsity, apply, sparsity
+from sparseode.prune.rewind import rewinding, snapshot_weights
 
 __all__ = ["iterative", "one_shot", "default_schedule", "PruneHistory", "RoundRecord"]
 
@@ -163,6 +165,7 @@ def iterative(
     seed: int = 0,
     progress: bool = True,
     pq_params: Mapping[str, float] | None = None,
+    rewind: None | str | int = None,
 ) -> PruneHistory:
     """Prune-retrain cascade: prune, retrain from the current weights, repeat; in place.
 
@@ -196,6 +199,16 @@ def iterative(
         seed: seed of the ``"random"`` measure (plus the round index).
         progress: a tqdm bar over the rounds.
         pq_params: hyperparameters of ``schedule="pq"``.
+        rewind: weight rewinding as in lottery-ticket IMP (Frankle & Carbin 2019; Frankle et al.
+            2020), via :func:`sparseode.prune.rewinding`: after each round's pruning step, before
+            its retraining (``fit`` and ``final_fit``), the kept weights are reset to earlier
+            values, ``θ ← m ⊙ θ_rewind`` (masks kept; every trainable parameter, biases too).
+            ``None`` (default): no rewinding, retrain from the current weights. ``"init"``: the
+            weights ``model`` holds when :func:`iterative` is called. ``k`` (int ≥ 0): the weights
+            after ``k`` optimiser steps of the first round's retraining (counted by a callback
+            added to that round's ``fit``; ``k = 0``: right after the first pruning step; if the
+            first retraining runs fewer than ``k`` steps, its final weights, with a warning); the
+            first round itself is not rewound.
 
     Returns:
         :class:`PruneHistory` with one :class:`RoundRecord` per round and every round's
@@ -232,6 +245,17 @@ def iterative(
             if not callable(getattr(stop, attr, None)):
                 raise TypeError(f"stop must provide {attr}() (like so.prune.ICP), got {type(stop).__name__}")
     final_fit = final_fit or fit
+    if rewind is not None and not (
+        rewind == "init" if isinstance(rewind, str)
+        else isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0
+    ):
+        raise ValueError(f"rewind must be None, 'init' or an int >= 0, got {rewind!r}")
+    rewind_point: _RewindPoint | None = None
+    if rewind == "init":
+        init_w = snapshot_weights(model)
+        fit, final_fit = rewinding(fit, model, init_w), rewinding(final_fit, model, init_w)
+    elif rewind is not None:
+        rewind_point = _RewindPoint(model, int(rewind))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -265,16 +289,23 @@ def iterative(
         apply(model, scores, s_k, granularity=granularity, block=block, scope=scope, filter_fn=filter_fn)
         achieved = sparsity(model, filter_fn).total
         checks: list[dict[str, Any]] = []
+        extra: list[Any] = []
+        if rewind_point is not None and k == 0 and not is_final:
+            rewind_point.start()
+            extra = [rewind_point]
         if use_stop:
             stop.start()
-            result = fit(model, callbacks=[stop])
+            result = fit(model, callbacks=[stop, *extra])
             rec = stop.finish()
             reason, checks = rec["reason"], rec.get("checks", [])
             steps = int(getattr(result, "steps", rec["steps"]) or rec["steps"])
         else:
-            result = (final_fit if is_final else fit)(model, callbacks=[])
+            result = (final_fit if is_final else fit)(model, callbacks=extra)
             reason = "budget"
             steps = int(getattr(result, "steps", 0) or 0)
+        if extra:  # late rewinding: every later round's retraining starts from θ after k steps
+            w_k = rewind_point.finish()
+            fit, final_fit = rewinding(fit, model, w_k), rewinding(final_fit, model, w_k)
         if spe is None and stop is not None and getattr(stop, "steps_per_epoch", None):
             spe = stop.steps_per_epoch
         if spe is None and reason == "budget" and getattr(result, "epochs_run", None):
@@ -295,6 +326,31 @@ def iterative(
             if math.isnan(r.epochs):
                 r.epochs = r.steps / spe
     return hist
+
+
+class _RewindPoint:
+    """``fit`` callback of :func:`iterative`'s first round: snapshots the weights after ``k`` steps."""
+
+    def __init__(self, model: nn.Module, k: int):
+        self.model, self.k = model, k
+        self.steps, self.weights = 0, None
+
+    def start(self) -> None:
+        self.steps = 0
+        self.weights = snapshot_weights(self.model) if self.k == 0 else None
+
+    def __call__(self, state: Any) -> bool:  # noqa: ARG002
+        self.steps += 1
+        if self.steps == self.k:
+            self.weights = snapshot_weights(self.model)
+        return False
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        if self.weights is None:
+            warnings.warn(f"rewind={self.k}: the first retraining ran only {self.steps} optimiser "
+                          "steps; rewinding to its final weights", stacklevel=3)
+            self.weights = snapshot_weights(self.model)
+        return self.weights
 
 
 def one_shot(

@@ -134,3 +134,64 @@ def test_iterative_with_data_measure_and_icp_saves_steps():
     assert icp[-1].epochs == pytest.approx(15) and icp.total_epochs < base.total_epochs
     assert icp[-1].sparsity == base[-1].sparsity
     assert icp[-1].val_metric < 1.2 * base[-1].val_metric + 1e-3
+
+
+class _ShiftFit:
+    """Stub fit: records m ⊙ θ (and the biases) at its start, then takes ``n`` fake optimiser steps
+    (each adds 0.1 to every parameter and calls the callbacks)."""
+
+    def __init__(self, n=4):
+        self.n, self.starts = n, []
+
+    def __call__(self, model, callbacks=()):
+        self.starts.append({
+            "w0": (model[0].weight_orig * model[0].weight_mask).detach().clone(),
+            "w2": (model[2].weight_orig * model[2].weight_mask).detach().clone(),
+            "mask0": model[0].weight_mask.detach().clone(),
+            "mask2": model[2].weight_mask.detach().clone(),
+            "b0": model[0].bias.detach().clone(),
+        })
+        for _ in range(self.n):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1)
+            for cb in callbacks:
+                cb(type("S", (), {"model": model, "epoch": 0})())
+
+        class R:
+            steps, epochs_run = self.n, 1
+        return R()
+
+
+@pytest.mark.parametrize("rewind", ["init", 2])
+def test_iterative_rewind(rewind):
+    torch.manual_seed(0)
+    model = mlp((3, 8, 2))
+    w0, w2, b0 = (model[0].weight.detach().clone(), model[2].weight.detach().clone(),
+                  model[0].bias.detach().clone())
+    fit, final = _ShiftFit(), _ShiftFit()
+    so.prune.iterative(model, fit, target=0.75, rounds=4, final_fit=final, rewind=rewind, progress=False)
+    starts = fit.starts + final.starts
+    assert len(starts) == 4
+    # round 0 starts from the (pruned) initial weights either way
+    torch.testing.assert_close(starts[0]["w0"], w0 * starts[0]["mask0"], rtol=0, atol=0)
+    # rewind point: θ_init ("init") or θ after 2 optimiser steps of round 0's retraining (+0.2)
+    shift = 0.0 if rewind == "init" else 0.2
+    for s in starts[1:]:
+        assert s["mask0"].sum() < starts[0]["mask0"].sum() or s["mask2"].sum() < starts[0]["mask2"].sum()
+        torch.testing.assert_close(s["w0"], (w0 + shift) * s["mask0"], rtol=0, atol=1e-12)
+        torch.testing.assert_close(s["w2"], (w2 + shift) * s["mask2"], rtol=0, atol=1e-12)
+        torch.testing.assert_close(s["b0"], b0 + shift, rtol=0, atol=1e-12)
+    # without rewinding every round continues from the last one (+0.4 per round)
+    torch.manual_seed(0)
+    model = mlp((3, 8, 2))
+    plain = _ShiftFit()
+    so.prune.iterative(model, plain, target=0.75, rounds=4, progress=False)
+    torch.testing.assert_close(plain.starts[3]["b0"], b0 + 1.2, rtol=0, atol=1e-12)
+
+
+def test_iterative_rewind_bad_input():
+    model = mlp()
+    for bad in ("start", -1, True, 1.5):
+        with pytest.raises(ValueError, match="rewind"):
+            so.prune.iterative(model, StubFit(), target=0.5, rounds=2, rewind=bad, progress=False)
