@@ -50,25 +50,25 @@ def _dense_fm(weight: Tensor) -> MatmulFM:
     return matmul_fm
 
 
-def linear_matmul(layer: nn.Module) -> Matmul:
-    """``fn(z, bias, activation) = act(z W^T + bias)`` of a linear-like layer, z (..., in)."""
-    fused = getattr(layer, "fused_linear", None)
+def _linear_kernel(layer: nn.Module, method: str, dense: Callable[[Tensor], Callable]) -> Callable:
+    """The layer's own fused kernel ``method`` when it has one, else ``dense`` of its weight."""
+    fused = getattr(layer, method, None)
     if fused is not None:
         return fused
     if isinstance(layer, nn.Linear):
-        return _dense(effective_weight(layer))
+        return dense(effective_weight(layer))
     raise TypeError(f"expected a linear layer, got {type(layer).__name__}")
+
+
+def linear_matmul(layer: nn.Module) -> Matmul:
+    """``fn(z, bias, activation) = act(z W^T + bias)`` of a linear-like layer, z (..., in)."""
+    return _linear_kernel(layer, "fused_linear", _dense)
 
 
 def linear_matmul_fm(layer: nn.Module) -> MatmulFM:
     """Feature-major ``fn(zT, bias, activation, act_cols)``: zT (in, B) -> W zT (out, B) with bias
     and activation on the first ``act_cols`` columns only (see :class:`Affine`)."""
-    fused = getattr(layer, "fused_linear_fm", None)
-    if fused is not None:
-        return fused
-    if isinstance(layer, nn.Linear):
-        return _dense_fm(effective_weight(layer))
-    raise TypeError(f"expected a linear layer, got {type(layer).__name__}")
+    return _linear_kernel(layer, "fused_linear_fm", _dense_fm)
 
 
 @dataclass

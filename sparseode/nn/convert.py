@@ -72,15 +72,12 @@ def _fold_concat_layers(model: nn.Module, conv: _Converter) -> None:
     for parent, attr, name, child in list(_children(model)):
         if not isinstance(child, ConcatLinear):
             continue
-        mask = conv.mask(f"{name}.linear", child.linear)
-        if mask is None:
+        if conv.mask(f"{name}.linear", child.linear) is None:
             continue
-        d = child.in_features
-        state = nn.Linear(d, child.out_features, bias=child.linear.bias is not None)
-        state.weight.data = effective_weight(child.linear).detach()[:, :d].clone()
-        if conv.format == "auto" and conv.convert(state, mask[:, :d], name) is None:
-            continue  # dense is faster here: leave the layer (and its prune mask) as it is
-        setattr(parent, attr, FoldedConcatLinear.from_concat(child, lambda lin, m: conv.convert(lin, m, name)))
+        # None where dense is faster: the layer (and its prune mask) stays as it is
+        folded = FoldedConcatLinear.from_concat(child, lambda lin, m: conv.convert(lin, m, name))
+        if folded is not None:
+            setattr(parent, attr, folded)
 
 
 def _convert_linears(model: nn.Module, conv: _Converter) -> None:

@@ -21,7 +21,7 @@ from sparseode.models.forward_mode import (
     scalar_time,
 )
 from sparseode.models.vector_field import ConcatLinear, MLPVectorField
-from sparseode.nn.sparse_linear import SparseLinear
+from sparseode.nn.sparse_linear import SparseLinear, pruning_mask
 
 
 class FoldedConcatLinear(nn.Module):
@@ -41,19 +41,22 @@ class FoldedConcatLinear(nn.Module):
 
     @classmethod
     def from_concat(cls, layer: ConcatLinear,
-                    make_inner: Callable[[nn.Linear, Tensor], nn.Module]) -> "FoldedConcatLinear":
+                    make_inner: Callable[[nn.Linear, Tensor], nn.Module | None]) -> "FoldedConcatLinear | None":
         """Split ``layer``; ``make_inner(linear, mask)`` builds the state part from a dense Linear
-        over the state columns and the kept mask of those columns."""
+        over the state columns and the kept mask of those columns (the layer's prune mask, else its
+        nonzeros), or returns None to keep the layer as it is, and then so does this."""
         lin = layer.linear
         weight = effective_weight(lin).detach()
-        mask = lin.weight_mask.bool() if hasattr(lin, "weight_mask") else weight != 0
+        mask = pruning_mask(lin)
+        mask = weight != 0 if mask is None else mask
         d = layer.in_features
         state = nn.Linear(d, layer.out_features, bias=lin.bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             state.weight.copy_(weight[:, :d])
             if lin.bias is not None:
                 state.bias.copy_(lin.bias)
-        return cls(make_inner(state, mask[:, :d]), weight[:, d], mask[:, d])
+        inner = make_inner(state, mask[:, :d])
+        return None if inner is None else cls(inner, weight[:, d], mask[:, d])
 
     def time_term(self) -> Tensor:
         return self.time_weight * self.time_mask

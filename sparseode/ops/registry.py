@@ -90,9 +90,10 @@ def _spmm_t_fake(g, values, pattern, fmt, backend):
     return g.new_empty((g.shape[0], in_features(fmt, pattern)))
 
 
-def _spmm_t_setup(ctx, inputs, output):
-    g, values, pattern, fmt, backend = inputs
-    ctx.save_for_backward(g, values, *pattern)
+def _two_operand_setup(ctx, inputs, output):
+    """Setup of spmm_t (g, values) and sddmm (a, c): both take two operands, the pattern, fmt, backend."""
+    first, second, pattern, fmt, backend = inputs
+    ctx.save_for_backward(first, second, *pattern)
     ctx.fmt, ctx.backend = fmt, backend
 
 
@@ -104,7 +105,7 @@ def _spmm_t_backward(ctx, grad):
     return gg, gv, [None] * len(pattern), None, None
 
 
-_spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_with_prims(_spmm_t_setup, "ops"))
+_spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_with_prims(_two_operand_setup, "ops"))
 
 
 # --- sddmm ------------------------------------------------------------------------------------
@@ -118,12 +119,6 @@ def _sddmm_fake(a, c, pattern, fmt, backend):
     return a.new_empty(values_shape(fmt, pattern))
 
 
-def _sddmm_setup(ctx, inputs, output):
-    a, c, pattern, fmt, backend = inputs
-    ctx.save_for_backward(a, c, *pattern)
-    ctx.fmt, ctx.backend = fmt, backend
-
-
 def _sddmm_backward(ctx, grad):
     a, c, *pattern = ctx.saved_tensors
     need_a, need_c = ctx.needs_input_grad[:2]
@@ -132,7 +127,7 @@ def _sddmm_backward(ctx, grad):
     return ga, gc, [None] * len(pattern), None, None
 
 
-_sddmm_op.register_autograd(_sddmm_backward, setup_context=_with_prims(_sddmm_setup, "ops"))
+_sddmm_op.register_autograd(_sddmm_backward, setup_context=_with_prims(_two_operand_setup, "ops"))
 
 
 # --- eager autograd Functions with the same formulas ---------------------------------------------
@@ -155,8 +150,8 @@ def _eager_function(name: str, setup: Callable, backward: Callable) -> type:
 
 OPS = _Prims(_spmm_op, _spmm_t_op, _sddmm_op)
 EAGER = _Prims(_eager_function("spmm", _spmm_setup, _spmm_backward).apply,
-               _eager_function("spmm_t", _spmm_t_setup, _spmm_t_backward).apply,
-               _eager_function("sddmm", _sddmm_setup, _sddmm_backward).apply)
+               _eager_function("spmm_t", _two_operand_setup, _spmm_t_backward).apply,
+               _eager_function("sddmm", _two_operand_setup, _sddmm_backward).apply)
 
 
 # --- public, checked entry points ---------------------------------------------------------------
