@@ -123,7 +123,10 @@ def cascade(task: dict[str, Any], args: argparse.Namespace, rule: str) -> dict[s
                        "n_checks": len(r.checks), "check_steps": [c["step"] for c in r.checks],
                        "check_info": [c["max_info"] for c in r.checks],
                        "check_grad": [c["max_grad_dev"] for c in r.checks]})
-    return {"rule": rule, "epochs": hist.total_epochs, "steps": hist.total_steps, "wall_s": wall, "test": test,
+    m = stop.measure if stop is not None else None
+    thresholds = None if m is None else [getattr(m, "tol_info", getattr(m, "eps_info", None)),
+                                         getattr(m, "tol_grad", getattr(m, "eps_grad", None))]
+    return {"rule": rule, "thresholds": thresholds, "epochs": hist.total_epochs, "steps": hist.total_steps, "wall_s": wall, "test": test,
             "final_sparsity": hist[-1].sparsity, "n_rounds": len(hist),
             "reasons": dict(Counter(r.stop_reason for r in hist.rounds)), "rounds": rounds}
 
@@ -153,7 +156,7 @@ def replay(res: dict[str, Any], budget: int, min_steps: int) -> dict[str, float]
 
 def plot_checks(out: dict[str, Any], path: str) -> None:
     """One panel per ICP rule and distance: the distance at every check against the step within
-    its round, one line per round (darker = later round)."""
+    its round, one line per round (labelled with its sparsity), the rule's threshold dashed."""
     from matplotlib import cm
     from matplotlib.figure import Figure
 
@@ -164,8 +167,14 @@ def plot_checks(out: dict[str, Any], path: str) -> None:
         rounds = [rr for rr in res["rounds"] if rr["n_checks"]]
         for k, rr in enumerate(rounds):
             color = cm.viridis(k / max(1, len(rounds) - 1))
-            row[0].plot(rr["check_steps"], rr["check_info"], color=color, lw=1)
-            row[1].plot(rr["check_steps"], rr["check_grad"], color=color, lw=1)
+            label = f"round {rr['round']}: {rr['sparsity']:.0%}, {rr['stop_reason']}"
+            row[0].plot(rr["check_steps"], rr["check_info"], color=color, lw=1, marker=".", label=label)
+            row[1].plot(rr["check_steps"], rr["check_grad"], color=color, lw=1, marker=".")
+        for ax, threshold in zip(row, res.get("thresholds") or (None, None)):
+            if threshold is not None:
+                ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"threshold {threshold:g}")
+        row[0].legend(fontsize=7)
+        row[1].legend(fontsize=7)
         row[0].set_title(f"{res['rule']}: information distance", fontsize=9)
         row[1].set_title(f"{res['rule']}: gradient distance", fontsize=9)
         for ax in row:

@@ -27,9 +27,13 @@ def _load(name):
 def test_icp_compare_quick(tmp_path, capsys, schedule):
     mod = _load("icp_compare")
     out = tmp_path / "cmp.json"
-    rc = mod.main(["--quick", "--task", "clf", "--schedule", schedule, "--json", str(out), "--threads", "1"])
+    png = tmp_path / "checks.png"
+    rc = mod.main(["--quick", "--task", "clf", "--schedule", schedule, "--json", str(out), "--threads", "1",
+                   "--plot", str(png)])
     assert rc == 0
     res = json.loads(out.read_text())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["thresholds"] for r in res["results"]] == [None, [0.35, 1.0], [0.1, 0.5]]
     assert [r["rule"] for r in res["results"]] == ["imp", "discrepancy", "connectivity"]
     for r in res["results"]:
         assert r["final_sparsity"] == pytest.approx(0.95, abs=0.01)
