@@ -1,7 +1,12 @@
 """Test setup: fixed seeds and, without a GPU, the Triton interpreter flag (so the Triton kernels
 run on CPU tensors in CI)."""
+import importlib.util
 import os
 import random
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -40,3 +45,27 @@ def _format_cache_in_tmp(tmp_path_factory):
         os.environ.pop("SPARSEODE_CACHE_DIR", None)
     else:
         os.environ["SPARSEODE_CACHE_DIR"] = old
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load_bench(name: str) -> ModuleType:
+    """A fresh copy of the script bench/<name>.py as a module. bench/ is on sys.path while it loads
+    (the scripts import their siblings), and the module is registered in sys.modules under
+    ``_bench_<name>`` (dataclasses look their module up while it loads)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_bench() -> Callable[[str], ModuleType]:
+    """``load_bench(name)``: the benchmark script bench/<name>.py as a module."""
+    return _load_bench

@@ -1,29 +1,13 @@
 """Smoke tests of bench/prune_flows.py and bench/icp.py (tiny budgets, outputs under tmp_path)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_prune_flows_quick(tmp_path, capsys):
-    pf = _load("prune_flows")
+def test_prune_flows_quick(tmp_path, capsys, load_bench):
+    pf = load_bench("prune_flows")
     rc = pf.main(["--quick", "--no-progress", "--methods", "magnitude,grasp", "--n-samples", "200",
                   "--out", str(tmp_path), "--threads", "1"])
     assert rc == 0
@@ -37,8 +21,8 @@ def test_prune_flows_quick(tmp_path, capsys):
     assert "test NLL" in capsys.readouterr().out
 
 
-def test_icp_quick(tmp_path, capsys):
-    icp = _load("icp")
+def test_icp_quick(tmp_path, capsys, load_bench):
+    icp = load_bench("icp")
     out = tmp_path / "icp.json"
     rc = icp.main(["--quick", "--no-progress", "--task", "clf", "--json", str(out),
                    "--threads", "1"])

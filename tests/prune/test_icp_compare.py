@@ -1,31 +1,16 @@
 """Smoke test of bench/icp_compare.py (tiny budget, JSON under tmp_path)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
-
 
 @pytest.mark.parametrize("schedule", ["geometric", "pq"])
-def test_icp_compare_quick(tmp_path, capsys, schedule):
-    mod = _load("icp_compare")
+def test_icp_compare_quick(tmp_path, capsys, schedule, load_bench):
+    mod = load_bench("icp_compare")
     out = tmp_path / "cmp.json"
     png = tmp_path / "checks.png"
     rc = mod.main(["--quick", "--task", "clf", "--schedule", schedule, "--json", str(out), "--threads", "1",
@@ -53,8 +38,8 @@ def _fake_run(path: Path, task: str, seed: int, results: dict[str, tuple[float, 
     return str(path)
 
 
-def test_icp_table_means_pairs_and_verdicts(tmp_path, capsys):
-    mod = _load("icp_table")
+def test_icp_table_means_pairs_and_verdicts(tmp_path, capsys, load_bench):
+    mod = load_bench("icp_table")
     files = [
         _fake_run(tmp_path / "a.json", "flow", 0, {"imp": (10.0, 1.50, ["budget", "budget"]),
                                                    "connectivity": (6.0, 1.52, ["consistent", "budget"])}),
