@@ -103,6 +103,17 @@ def clf_task(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def clf_args(p: argparse.ArgumentParser) -> None:
+    """The concentric classifier's data size and budgets, read by :func:`clf_task`."""
+    p.add_argument("--n-clf", type=int, default=2000)
+    p.add_argument("--clf-batch", type=int, default=128)
+    p.add_argument("--clf-epochs", type=int, default=15)
+    p.add_argument("--clf-retrain-epochs", type=int, default=4)
+    p.add_argument("--clf-final-epochs", type=int, default=8)
+    p.add_argument("--clf-retrain-lr", type=float, default=3e-3)
+    p.add_argument("--clf-cache", default="runs/icp_clf_dense.pt")
+
+
 def make_icp(args: argparse.Namespace, probe, spe: int, calibrate: bool = False) -> so.prune.ICP:
     return so.prune.ICP(
         "discrepancy", probe=probe,
@@ -223,13 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--retrain-epochs", type=int, default=3, help="flow: epochs per round without ICP")
     p.add_argument("--final-epochs", type=int, default=9, help="flow: epochs of the final round")
-    p.add_argument("--n-clf", type=int, default=2000)
-    p.add_argument("--clf-batch", type=int, default=128)
-    p.add_argument("--clf-epochs", type=int, default=15)
-    p.add_argument("--clf-retrain-epochs", type=int, default=4)
-    p.add_argument("--clf-final-epochs", type=int, default=8)
-    p.add_argument("--clf-retrain-lr", type=float, default=3e-3)
-    p.add_argument("--clf-cache", default="runs/icp_clf_dense.pt")
+    clf_args(p)
     p.add_argument("--eval-rounds", type=int, default=1, help="evaluate the val metric after every round")
     # ICP parameters (defaults = the library's)
     defaults = so.prune.ICP("discrepancy", probe=[(torch.zeros(1),)], loss_fn=lambda m, b: b[0].sum())

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sparseode as so  # noqa: E402
-from icp import clf_task, flow_task  # noqa: E402
+from icp import clf_args, clf_task, flow_task  # noqa: E402
 from prune_flows import common_args  # noqa: E402
 
 RULES = ("imp", "discrepancy", "connectivity")
@@ -124,8 +124,8 @@ def cascade(task: dict[str, Any], args: argparse.Namespace, rule: str) -> dict[s
                        "check_info": [c["max_info"] for c in r.checks],
                        "check_grad": [c["max_grad_dev"] for c in r.checks]})
     m = stop.measure if stop is not None else None
-    thresholds = None if m is None else [getattr(m, "tol_info", getattr(m, "eps_info", None)),
-                                         getattr(m, "tol_grad", getattr(m, "eps_grad", None))]
+    thresholds = None if m is None else \
+        [m.tol_info, m.tol_grad] if rule == "discrepancy" else [m.eps_info, m.eps_grad]
     return {"rule": rule, "thresholds": thresholds, "epochs": hist.total_epochs, "steps": hist.total_steps, "wall_s": wall, "test": test,
             "final_sparsity": hist[-1].sparsity, "n_rounds": len(hist),
             "reasons": dict(Counter(r.stop_reason for r in hist.rounds)), "rounds": rounds}
@@ -194,13 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clf-target", type=float, default=0.95)
     p.add_argument("--retrain-epochs", type=int, default=2, help="flow: epochs per intermediate round")
     p.add_argument("--final-epochs", type=int, default=4, help="flow: epochs of the final round")
-    p.add_argument("--n-clf", type=int, default=2000)
-    p.add_argument("--clf-batch", type=int, default=128)
-    p.add_argument("--clf-epochs", type=int, default=15)
-    p.add_argument("--clf-retrain-epochs", type=int, default=4)
-    p.add_argument("--clf-final-epochs", type=int, default=8)
-    p.add_argument("--clf-retrain-lr", type=float, default=3e-3)
-    p.add_argument("--clf-cache", default="runs/icp_clf_dense.pt")
+    clf_args(p)
     p.add_argument("--digits-epochs", type=int, default=30)
     p.add_argument("--digits-cache", default="runs/icp_digits_dense.pt")
     p.add_argument("--eval-rounds", type=int, default=0, help="evaluate the val metric after every round")
