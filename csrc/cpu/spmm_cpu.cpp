@@ -4,7 +4,6 @@
 #include "spmm_cpu.h"
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -470,13 +469,6 @@ at::Tensor bsr_sddmm(const at::Tensor& a, const at::Tensor& c, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bsr_sddmm_cpu",
                              [&] { sddmm_impl<scalar_t>(aT, cT, crow_c, col_c, bh, bw, out); });
   return out;
-}
-
-TORCH_LIBRARY_IMPL(sparseode, CPU, m) {
-  m.impl("bsr_spmm", &bsr_spmm);
-  m.impl("bsr_spmm_t", &bsr_spmm_t);
-  m.impl("bsr_spmm_fm", &bsr_spmm_fm);
-  m.impl("bsr_sddmm", &bsr_sddmm);
 }
 
 }  // namespace sparseode::cpu
