@@ -18,11 +18,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="gaussians", help="a toy mixture density (default: gaussians)")
+    p.add_argument("--dataset", default="gaussians", help="a toy mixture density (sparseode.data.MIXTURES)")
     p.add_argument("--out", default="runs/demo", help="output folder (JSON record, checkpoints, plots)")
     p.add_argument("--epochs", type=int, default=30, help="dense training epochs")
     p.add_argument("--retrain-epochs", type=int, default=6, help="retraining epochs per pruning round")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data draws and the initialisation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -57,13 +57,13 @@ def _write_record(out: str, name: str, record: dict) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["cnf", "classifier"], default="cnf")
+    p.add_argument("--model", choices=["cnf", "classifier"], default="cnf", help="what to train")
     p.add_argument("--dataset", default="gaussians", help="toy density (cnf) or classification set (classifier)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64], help="hidden widths of the vector field")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=512, help="minibatch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffling")
     p.add_argument("--out", default="runs/train", help="folder for model.pt, state_dict.pt, train.json")
 
 
@@ -89,11 +89,11 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model.pt written by `sparseode train`")
     p.add_argument("--dataset", default=None, help="retraining data (default: the one in train.json beside it)")
     p.add_argument("--target", type=float, default=0.9, help="final sparsity in [0, 1)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--method", default="magnitude")
-    p.add_argument("--granularity", default="weight", choices=["weight", "neuron", "block"])
+    p.add_argument("--rounds", type=int, default=5, help="pruning rounds")
+    p.add_argument("--method", default="magnitude", help="importance measure (sparseode.prune.MEASURES)")
+    p.add_argument("--granularity", default="weight", choices=["weight", "neuron", "block"], help="what a pruned unit is")
     p.add_argument("--stop", choices=["none", "icp"], default="none", help="ICP early stopping of intermediate rounds")
-    p.add_argument("--retrain-epochs", type=int, default=3)
+    p.add_argument("--retrain-epochs", type=int, default=3, help="retraining epochs per round")
     p.add_argument("--out", default="runs/prune", help="folder for pruned.pt, sparse.pt, prune.json")
 
 
@@ -135,10 +135,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     from sparseode import benchmark
 
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--fields", nargs="+", choices=sorted(benchmark.FIELDS), default=["toy64", "wide256"])
-    p.add_argument("--density", type=float, nargs="+", default=[0.1, 0.02])
-    p.add_argument("--batch", type=int, nargs="+", default=[1000])
-    p.add_argument("--tasks", nargs="+", choices=benchmark.TASKS, default=["log_prob"])
+    p.add_argument("--fields", nargs="+", choices=sorted(benchmark.FIELDS), default=["toy64", "wide256"],
+                   help="benchmark fields (sparseode.benchmark.FIELDS)")
+    p.add_argument("--density", type=float, nargs="+", default=[0.1, 0.02], help="kept shares of the weights")
+    p.add_argument("--batch", type=int, nargs="+", default=[1000], help="batch sizes")
+    p.add_argument("--tasks", nargs="+", choices=benchmark.TASKS, default=["log_prob"], help="what to time")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json")
 
 
@@ -162,10 +163,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparseode", description=sparseode.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sparseode", description=sparseode.__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        # help strings are %-formatted by argparse (the description is not)
+        add_args(sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     return parser
 
 

@@ -1,6 +1,12 @@
 """The `sparseode` command end to end on tiny budgets: train -> prune -> reload, demo, bench."""
+import argparse
+import contextlib
+import io
 import json
+import shutil
+import subprocess
 
+import pytest
 import torch
 
 from sparseode import cli
@@ -45,3 +51,31 @@ def test_bench_command_writes_rows(tmp_path):
     assert cli.main(["bench", "--fields", "toy64", "--density", "0.1", "--batch", "50", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert rows[0]["equal_nfe"] and rows[0]["max_rel_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"]] + [[name, "--help"] for name in cli.COMMANDS])
+def test_help_of_the_command_and_every_subcommand(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv)
+    assert exit_info.value.code == 0
+    text = out.getvalue()
+    assert text.startswith("usage: sparseode")
+    if len(argv) == 1:
+        assert all(name in text for name in cli.COMMANDS)
+    else:
+        parser = cli.build_parser()._subparsers._group_actions[0].choices[argv[0]]
+        flat = " ".join(text.split())  # undo argparse's line wrapping
+        for action in parser._actions:  # every option shows its help and its default
+            if action.option_strings and action.default is not argparse.SUPPRESS:
+                assert f"{action.help} (default: {action.default})" in flat, action.dest
+        assert "%%" not in text
+
+
+def test_help_of_the_installed_script():
+    exe = shutil.which("sparseode")
+    assert exe is not None, "the sparseode console script is not installed"
+    for argv in (["--help"], ["demo", "--help"]):
+        done = subprocess.run([exe, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "usage: sparseode" in done.stdout and "90% and 98%" in done.stdout
