@@ -244,7 +244,7 @@ def test_best_epoch_is_restored_when_training_gets_worse():
     assert any(not torch.equal(model.state_dict()[k], last[k]) for k in last)
 
 
-def test_structure_change_during_fit_skips_restore_with_a_warning():
+def test_structure_change_during_fit_restarts_best_tracking():
     X, y = D.classification("moons", 256, seed=0)
     model = tiny_clf()
 
@@ -255,15 +255,40 @@ def test_structure_change_during_fit_skips_restore_with_a_warning():
                 return stop
         return cb
 
-    # pruned after the last validation: the best state has the old structure and is not restored
-    with pytest.warns(UserWarning, match="structure changed"):
-        res = fit(model, (X, y), epochs=3, batch_size=64, val_data=(X, y), callbacks=[prune_at(6, True)],
-                  progress=False)
+    # pruned after the last validation by a callback that stops the run: the pruned state stays
+    res = fit(model, (X, y), epochs=3, batch_size=64, val_data=(X, y), callbacks=[prune_at(6, True)],
+              progress=False)
     assert hasattr(model.field.layers[0], "weight_mask") and res.steps == 6 and res.best_epoch == 0
     # pruned before later validations: best tracking restarts and the best pruned state is restored
     model = tiny_clf()
     res = fit(model, (X, y), epochs=3, batch_size=64, val_data=(X, y), callbacks=[prune_at(2, False)],
               progress=False)
     assert "ode.field.layers.0.weight_mask" in res.best_state
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, res.best_state[k])
+
+
+def test_a_stopping_callback_keeps_its_state_over_restore_best():
+    # an ICP-like rule stops in the middle of the third epoch: fit must return the weights the rule
+    # accepted, not roll back to the best validated epoch (an earlier state of the same round)
+    x, xv = D.toy("gaussians", 512, seed=0), D.toy("gaussians", 256, seed=1)
+    model = tiny_cnf()
+    at_stop = {}
+
+    def stop_at_10(state):
+        if state.step == 10:
+            at_stop.update({k: v.detach().clone() for k, v in state.model.state_dict().items()})
+            return True
+
+    res = fit(model, x, epochs=4, lr=1e-2, milestones=(1,), gamma=100.0, batch_size=128, val_data=xv,
+              callbacks=[stop_at_10], progress=False)
+    assert res.stopped_early and res.steps == 10 and res.best_epoch == 0
+    assert any(not torch.equal(res.best_state[k], v) for k, v in at_stop.items())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, at_stop[k])
+    # the same run without the stop rule: the budget ends it and the best epoch is restored
+    model = tiny_cnf()
+    res = fit(model, x, epochs=4, lr=1e-2, milestones=(1,), gamma=100.0, batch_size=128, val_data=xv,
+              progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, res.best_state[k])
