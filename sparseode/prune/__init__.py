@@ -12,20 +12,12 @@ from sparseode.prune.analysis import HessianSpectrum, hessian_spectrum, mode_cov
 from sparseode.prune.icp import ICP, ICP_MEASURES, DiscrepancyMeasure, fixed_step, register_icp_measure
 from sparseode.prune.connectivity import ConnectivityMeasure, connectivity, gradient_flow
 from sparseode.prune.importance import MEASURES, Measure, importance, register_measure
-from sparseode.prune.masks import (
-    GRANULARITIES,
-    LayerSparsity,
-    SparsityReport,
-    apply,
-    clone,
-    load_pruned,
-    masks,
-    neuron_chains,
-    prunable_layers,
-    register_granularity,
-    remove,
-    sparsity,
-)
+from sparseode.prune.checkpoint import clone, load_pruned
+from sparseode.prune.granularity import GRANULARITIES, register_granularity
+from sparseode.prune.layers import neuron_chains, prunable_layers
+from sparseode.prune.masking import apply, remove
+from sparseode.prune.report import LayerSparsity, SparsityReport, sparsity
+from sparseode.pruned import masks
 from sparseode.prune.pq import pq_index, pq_keep_ratio, pq_next_keep
 from sparseode.prune.rewind import rewinding
 from sparseode.prune.schedule import PruneHistory, RoundRecord, default_schedule, iterative, one_shot

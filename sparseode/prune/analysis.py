@@ -23,8 +23,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from sparseode.prune.importance import LossFn, _batches, _resolve_loss
-from sparseode.prune.masks import clone, load_pruned, logical_names, masks, sparsity
+from sparseode.losses import LossFn, resolve_loss
+from sparseode.pruned import logical_names, masks
+from sparseode.prune.checkpoint import clone, load_pruned
+from sparseode.prune.importance import batches_of
+from sparseode.prune.report import sparsity
 
 __all__ = ["hessian_spectrum", "HessianSpectrum", "mode_coverage"]
 
@@ -77,7 +80,7 @@ def hessian_spectrum(
 
     Args:
         model: any model (pruned in the torch layout or not).
-        loss_fn: ``loss_fn(model, batch) -> scalar`` (default ``sparseode.train.default_loss``).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (default ``sparseode.losses.default_loss``).
         data: iterable of batches; the first ``n_batches`` are averaged.
         method: ``"power"`` (power iteration, stops when the eigenvalue changes by less than
             ``tol`` relatively) or ``"lanczos"`` (``n_iter`` Lanczos steps).
@@ -93,8 +96,8 @@ def hessian_spectrum(
         raise ValueError(f"unknown method={method!r}; choose 'power' or 'lanczos'")
     if params not in ("all", "weights"):
         raise ValueError(f"params must be 'all' or 'weights', got {params!r}")
-    loss_fn = _resolve_loss(model, loss_fn, "hessian_spectrum")
-    batches = _batches(data, n_batches, "hessian_spectrum")
+    loss_fn = resolve_loss(model, loss_fn, "hessian_spectrum")
+    batches = batches_of(data, n_batches, "hessian_spectrum")
     ps, ms = _restricted_params(model, params)
     dim = int(sum(float(m.sum()) for m in ms))
     gen = torch.Generator().manual_seed(seed)

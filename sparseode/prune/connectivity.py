@@ -58,7 +58,9 @@ import torch
 import torch.nn as nn
 
 from sparseode.prune.icp import _as_batches, fixed_step, register_icp_measure
-from sparseode.prune.masks import FilterFn, get_mask, prunable_layers, trainable_tensor
+from sparseode.losses import resolve_loss
+from sparseode.pruned import mask_or_ones, trainable
+from sparseode.prune.layers import FilterFn, prunable_layers
 
 __all__ = ["connectivity", "gradient_flow", "ConnectivityMeasure", "FlowSnapshot", "flow_layers"]
 
@@ -171,8 +173,8 @@ def _collect(
                     acts[key].append(out.detach().reshape(-1, out.shape[-1]))
 
             handles.append(m.register_forward_hook(hook))
-    weights = [trainable_tensor(m) for m in glayers.values()]
-    masks = [get_mask(m).detach() for m in glayers.values()]
+    weights = [trainable(m) for m in glayers.values()]
+    masks = [mask_or_ones(m).detach() for m in glayers.values()]
     gsum = torch.zeros(len(weights), dtype=torch.float64)
     tot = 0.0
     try:
@@ -248,14 +250,11 @@ def gradient_flow(
     """Gradient flow per prunable layer, ``g (L,)`` float64: ``g_l = mean_b ‖m_l ⊙ ∂loss_b/∂W_l‖₂``.
 
     Args:
-        loss_fn: ``loss_fn(model, batch) -> scalar``; ``None``: ``sparseode.train.default_loss``.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; ``None``: ``sparseode.losses.default_loss``.
         probe, filter_fn, n_steps, seed: as for :func:`connectivity`.
     """
     batches = _as_batches(probe)
-    if loss_fn is None:
-        from sparseode.prune.importance import _resolve_loss
-
-        loss_fn = _resolve_loss(model, None, "gradient_flow")
+    loss_fn = resolve_loss(model, loss_fn, "gradient_flow")
     return _collect(model, batches, loss_fn, want_c=False, want_g=True, filter_fn=filter_fn,
                     n_steps=n_steps, seed=seed).g
 

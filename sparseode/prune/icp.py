@@ -49,7 +49,9 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from sparseode.prune.masks import FilterFn, prunable_layers, trainable_tensor
+from sparseode.losses import resolve_loss
+from sparseode.pruned import trainable
+from sparseode.prune.layers import FilterFn, prunable_layers
 
 __all__ = [
     "ICP",
@@ -149,7 +151,7 @@ class DiscrepancyMeasure:
         for n, m in layers.items():
             handles.append(m.register_forward_hook(
                 lambda mod, inp, out, n=n: acts[n].append(out.detach().reshape(-1, out.shape[-1]))))
-        weights = [trainable_tensor(m) for m in layers.values()]
+        weights = [trainable(m) for m in layers.values()]
         grads = [torch.zeros_like(w) for w in weights]
         tot = 0.0
         try:
@@ -234,7 +236,7 @@ class ICP:
         measure: a key of :data:`ICP_MEASURES` (``"connectivity"``, the published measure, see
             :mod:`sparseode.prune.connectivity`; ``"discrepancy"``), or a measure object.
         probe: iterable of batches (tuples) held out from training; the same every check.
-        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``sparseode.train.default_loss``.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``sparseode.losses.default_loss``.
         patience: consecutive consistent checks needed to stop.
         check_every: optimiser steps between checks.
         min_steps: never stop before this many steps of the round.
@@ -309,9 +311,7 @@ class ICP:
     # -- lifecycle -------------------------------------------------------------------------------
     def _loss(self, model: nn.Module) -> LossFn:
         if self.loss_fn is None:
-            from sparseode.prune.importance import _resolve_loss
-
-            self.loss_fn = _resolve_loss(model, None, "ICP")
+            self.loss_fn = resolve_loss(model, None, "ICP")
         return self.loss_fn
 
     def reference(self, model: nn.Module) -> None:

@@ -20,7 +20,10 @@ method         score                      meaning
 =============  =========================  ==================================================
 magnitude      ``|θ|``                    weight magnitude
 snip           ``|θ ⊙ g|``                loss preservation (SNIP, Lee et al. 2019)
-taylor         ``θ ⊙ g``                  signed first-order change of L when θ→0 is ``-θ⊙g``
+taylor         ``-θ ⊙ g``                 first-order change of L when the entry is removed
+                                          (``θ → 0``): ``ΔL ≈ -θ⊙g``. High: removing it raises
+                                          the loss (keep); negative: removing it lowers the
+                                          loss, so it goes first
 grasp          ``θ ⊙ Hg``                 the negative of GraSP's score ``-θ ⊙ Hg`` (Wang et
                                           al. 2020): removing the lowest importance removes
                                           exactly the weights GraSP removes (highest ``-θ⊙Hg``)
@@ -42,11 +45,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from sparseode.prune.masks import effective, logical_names
+from sparseode.losses import LossFn, resolve_loss
+from sparseode.pruned import effective, logical_names
+from sparseode.prune.args import integer
 
-__all__ = ["importance", "Measure", "MEASURES", "register_measure", "trainable_parameters"]
-
-LossFn = Callable[[nn.Module, Sequence[Any]], torch.Tensor]
+__all__ = ["importance", "Measure", "MEASURES", "register_measure", "trainable_parameters", "batches_of"]
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, str, nn.Parameter, torch.Tensor]]:
@@ -67,11 +70,11 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, str, nn.Parameter,
     return out
 
 
-def _batches(data: Iterable[Any] | None, n_batches: int, method: str) -> list[tuple]:
+def batches_of(data: Iterable[Any] | None, n_batches: int, caller: str) -> list[tuple]:
+    """The first ``n_batches`` batches of ``data``, each as a tuple (a tensor is one batch)."""
     if data is None:
-        raise ValueError(f"method={method!r} needs data (an iterable of batches), got data=None")
-    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
-        raise ValueError(f"n_batches must be a positive int, got {n_batches!r}")
+        raise ValueError(f"{caller} needs data (an iterable of batches), got data=None")
+    n_batches = integer(n_batches, "n_batches", low=1)
     if isinstance(data, torch.Tensor):
         data = [data]
     out = []
@@ -80,24 +83,6 @@ def _batches(data: Iterable[Any] | None, n_batches: int, method: str) -> list[tu
     if not out:
         raise ValueError("data yielded no batch")
     return out
-
-
-def _resolve_loss(model: nn.Module, loss_fn: LossFn | None, method: str) -> LossFn:
-    if loss_fn is not None:
-        return loss_fn
-    try:
-        from sparseode.train import default_loss  # type: ignore[attr-defined]
-    except ImportError:  # pragma: no cover - train module not available
-        default_loss = None
-    if default_loss is not None:
-        try:
-            return default_loss(model)
-        except Exception as e:  # noqa: BLE001 - re-raised with the argument named
-            raise ValueError(
-                f"method={method!r} needs loss_fn(model, batch) -> scalar and no default loss is "
-                f"known for {type(model).__name__}: {e}"
-            ) from e
-    raise ValueError(f"method={method!r} needs loss_fn(model, batch) -> scalar, got loss_fn=None")
 
 
 def _loss(model: nn.Module, loss_fn: LossFn, batch: tuple) -> torch.Tensor:
@@ -241,7 +226,8 @@ def _snip(model, loss_fn, batches, params, thetas, gen):
 
 
 def _taylor(model, loss_fn, batches, params, thetas, gen):
-    return [t * g for t, g in zip(thetas, _grad(model, loss_fn, batches, params))]
+    # removing θ_i changes the loss by ΔL_i ≈ -θ_i g_i; keep the weights whose removal costs most
+    return [-t * g for t, g in zip(thetas, _grad(model, loss_fn, batches, params))]
 
 
 def _grasp(model, loss_fn, batches, params, thetas, gen):
@@ -282,7 +268,7 @@ def importance(
         method: a key of :data:`MEASURES`: ``"magnitude"``, ``"snip"``, ``"taylor"``,
             ``"grasp"``, ``"grasp_abs"``, ``"random"`` (formulas in the module docstring).
         loss_fn: ``loss_fn(model, batch) -> scalar`` (batch a tuple); default
-            ``sparseode.train.default_loss(model)`` (NLL for a CNF, cross-entropy for a
+            ``sparseode.losses.default_loss(model)`` (NLL for a CNF, cross-entropy for a
             classifier, through the ODE solve). Unused by data-free methods.
         data: iterable of batches (tuples of tensors); the first ``n_batches`` are used and the
             loss is their mean. Unused by data-free methods.
@@ -304,10 +290,10 @@ def importance(
     thetas = [e[3] for e in entries]
     batches = None
     if measure.needs_data:
-        loss_fn = _resolve_loss(model, loss_fn, method)
-        batches = _batches(data, n_batches, method)
+        loss_fn = resolve_loss(model, loss_fn, f"importance(method={method!r})")
+        batches = batches_of(data, n_batches, f"method={method!r}")
     gen = None
     if seed is not None:
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(integer(seed, "seed"))
     scores = measure(model, loss_fn, batches, params, thetas, gen)
     return {e[1]: s.detach() for e, s in zip(entries, scores)}

@@ -33,7 +33,8 @@ import math
 import torch
 import torch.nn as nn
 
-from sparseode.prune.masks import FilterFn, get_mask, prunable_layers, trainable_tensor
+from sparseode.pruned import mask_or_ones, trainable
+from sparseode.prune.layers import FilterFn, prunable_layers
 
 __all__ = ["pq_index", "pq_prune_count", "pq_keep_ratio", "pq_next_keep", "check_pq_params"]
 
@@ -126,7 +127,7 @@ def pq_next_keep(model: nn.Module, filter_fn: FilterFn | None = None, **params: 
         raise ValueError("model has no prunable nn.Linear layer (after filter_fn)")
     # the trainable tensor times the mask: ``module.weight`` of a pruned layer is only refreshed by
     # the next forward, so it may lag the last optimiser step
-    ms = torch.cat([get_mask(m).detach().reshape(-1) for m in layers.values()])
-    ws = torch.cat([trainable_tensor(m).detach().reshape(-1) for m in layers.values()]) * ms
+    ms = torch.cat([mask_or_ones(m).detach().reshape(-1) for m in layers.values()])
+    ws = torch.cat([trainable(m).detach().reshape(-1) for m in layers.values()]) * ms
     c, d, _ = pq_prune_count(ws, ms, **params)
     return (d - c) / ws.numel()

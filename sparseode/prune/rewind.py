@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from sparseode.prune.masks import logical_names
+from sparseode.pruned import logical_names
 
 __all__ = ["rewinding", "rewind_to", "snapshot_weights"]
 

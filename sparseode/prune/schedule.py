@@ -29,7 +29,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from sparseode.prune.importance import MEASURES, LossFn, importance
-from sparseode.prune.masks import GRANULARITIES, FilterFn, _check_sparsity, apply, sparsity
+from sparseode.prune.args import check_sparsity as _check_sparsity
+from sparseode.prune.granularity import GRANULARITIES
+from sparseode.prune.layers import FilterFn
+from sparseode.prune.masking import apply
+from sparseode.prune.report import sparsity
 from sparseode.prune.rewind import rewinding, snapshot_weights
 
 __all__ = ["iterative", "one_shot", "default_schedule", "PruneHistory", "RoundRecord"]

@@ -20,7 +20,7 @@ def _independent(model, data):
     ref = {
         "magnitude": theta.abs(),
         "snip": (theta * g).abs(),
-        "taylor": theta * g,
+        "taylor": -theta * g,  # ΔL of removing an entry, to first order
         "grasp": theta * hg,
         "grasp_abs": (theta * hg).abs(),
     }
@@ -60,7 +60,7 @@ def test_snip_through_adaptive_solver_matches_flat():
     g = unflat(torch.autograd.functional.jacobian(L, theta))
     got = so.prune.importance(model, "taylor", mse, data, n_batches=1)
     for k in got:
-        torch.testing.assert_close(got[k], dict(model.named_parameters())[k].detach() * g[k])
+        torch.testing.assert_close(got[k], -dict(model.named_parameters())[k].detach() * g[k])
 
 
 def test_only_first_n_batches_are_averaged():
@@ -188,7 +188,81 @@ def test_cnf_default_loss_is_nll_through_the_solve(method):
         return -functional_call(cnf, params, (x,)).mean()
 
     g = torch.autograd.functional.jacobian(L, theta)
-    ref = theta * g if method == "taylor" else theta * (torch.autograd.functional.hessian(L, theta) @ g)
+    ref = -theta * g if method == "taylor" else theta * (torch.autograd.functional.hessian(L, theta) @ g)
     got = so.prune.importance(cnf, method, None, [(x,)], n_batches=1)
     flat = torch.cat([got[n].reshape(-1) for n, _ in named])
     torch.testing.assert_close(flat, ref, rtol=1e-7, atol=1e-10)
+
+
+def _removal_effects(model, loss_fn, batch):
+    """The true change of the loss when each weight entry alone is set to zero, (out, in)."""
+    w = model.weight
+    with torch.no_grad():
+        base = loss_fn(model, batch)
+        out = torch.empty_like(w)
+        for idx in torch.cartesian_prod(*(torch.arange(n) for n in w.shape)):
+            i, j = idx.tolist()
+            keep = w[i, j].clone()
+            w[i, j] = 0.0
+            out[i, j] = loss_fn(model, batch) - base
+            w[i, j] = keep
+    return out
+
+
+def test_taylor_is_the_exact_removal_effect_when_the_loss_is_linear_in_each_weight():
+    """loss = Σ c ⊙ (x Wᵀ) is linear in W: removing W_ij changes it by exactly -W_ij g_ij, so the
+    taylor score is the true effect and apply keeps the weights whose removal would raise the loss."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 4, bias=False).double()
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    c = torch.randn(7, 4, generator=g, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        return (batch[0] @ m.weight.T * c).sum()
+
+    true = _removal_effects(model, loss_fn, (x,))
+    assert (true > 0).any() and (true < 0).any()  # both signs occur: the sign matters
+    scores = so.prune.importance(model, "taylor", loss_fn, [(x,)], n_batches=1)
+    torch.testing.assert_close(scores["weight"], true, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        before = float(loss_fn(model, (x,)))
+    so.prune.apply(model, scores, 0.5)
+    kept = model.weight_mask.bool().reshape(-1)
+    expected = torch.zeros(20, dtype=torch.bool)
+    expected[torch.topk(true.reshape(-1), 10).indices] = True  # largest rise in loss: keep
+    assert torch.equal(kept, expected)
+    # removing only the weights whose removal lowers the loss lowers it by their sum
+    with torch.no_grad():
+        after = float(loss_fn(model, (x,)))
+    removed = true.reshape(-1)[~expected]
+    assert after == pytest.approx(before + float(removed.sum()), rel=1e-12)
+
+
+def test_taylor_plus_the_curvature_term_is_the_exact_removal_effect_on_a_quadratic():
+    """On a least-squares loss (quadratic in W) removing W_ij changes the loss by exactly
+    -W_ij g_ij + ½ W_ij² H_(ij)(ij): the taylor score is that effect to first order."""
+    g = torch.Generator().manual_seed(1)
+    model = nn.Linear(4, 3, bias=False).double()
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    true = _removal_effects(model, mse, (x, y))
+    w0 = model.weight.detach().clone()
+    H = torch.autograd.functional.hessian(lambda w: ((x @ w.reshape(3, 4).T - y) ** 2).mean(), w0.reshape(-1))
+    scores = so.prune.importance(model, "taylor", mse, [(x, y)], n_batches=1)["weight"]
+    curvature = 0.5 * w0.reshape(-1) ** 2 * torch.diagonal(H)
+    torch.testing.assert_close(scores.reshape(-1) + curvature, true.reshape(-1), rtol=1e-10, atol=1e-12)
+    assert curvature.abs().max() > 1e-3  # the second-order term is not negligible here
+
+
+def test_taylor_ranks_weights_as_their_removal_does_when_the_curvature_is_small():
+    g = torch.Generator().manual_seed(2)
+    model = nn.Linear(6, 5, bias=False).double()
+    x = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    c = torch.randn(11, 5, generator=g, dtype=torch.float64)
+
+    def loss_fn(m, batch):  # linear term plus a small quadratic one
+        return (batch[0] @ m.weight.T * c).sum() + 1e-3 * (m.weight ** 2).sum()
+
+    true = _removal_effects(model, loss_fn, (x,)).reshape(-1)
+    scores = so.prune.importance(model, "taylor", loss_fn, [(x,)], n_batches=1)["weight"].reshape(-1)
+    assert torch.equal(torch.argsort(scores), torch.argsort(true))
