@@ -86,7 +86,7 @@ def test_sparsify_converts_zero_heavy_unpruned_layers_only():
     m = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
     with torch.no_grad():
         m[0].weight[torch.rand(16, 16) < 0.8] = 0
-    so.sparsify(m, format="csr", max_density=0.5)
+    m = so.sparsify(m, format="csr", max_density=0.5)
     assert isinstance(m[0], SparseLinear) and isinstance(m[1], nn.Linear)
 
 
