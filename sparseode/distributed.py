@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "init", "is_distributed", "rank", "world_size", "is_main", "backend_for", "shard", "check_divides",
-    "model_fingerprint", "check_same", "broadcast_object", "broadcast_masks", "check_same_masks",
+    "model_fingerprint", "check_same", "check_same_model", "broadcast_object", "broadcast_masks", "check_same_masks",
     "collective", "mean_over_ranks", "sum_over_ranks", "any_rank", "barrier",
 ]
 
@@ -137,6 +137,12 @@ def check_same(what: str, value: Any) -> None:
                            f"({values[bad[0]]!r} vs {values[0]!r})")
 
 
+def check_same_model(model: nn.Module, when: str) -> None:
+    """RuntimeError on every rank unless all ranks hold the same model (:func:`model_fingerprint`)."""
+    if is_distributed():
+        check_same(f"the model {when} (a hash of parameter names, shapes and values)", model_fingerprint(model))
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (picklable objects)."""
     if not is_distributed():
@@ -147,7 +153,7 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def _mask_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
-    from sparseode.prune.masks import masks
+    from sparseode.pruned import masks
 
     return sorted(masks(model).items())
 
@@ -179,7 +185,8 @@ def _pattern_digest(model: nn.Module) -> str:
 
 def check_same_masks(model: nn.Module, when: str = "") -> None:
     """Assert that every rank holds the same masks and sparse patterns (RuntimeError if not)."""
-    check_same(f"the pruning pattern{' ' + when if when else ''}", _pattern_digest(model))
+    if is_distributed():
+        check_same(f"the pruning pattern{' ' + when if when else ''}", _pattern_digest(model))
 
 
 # -- reductions --------------------------------------------------------------------------------

@@ -2,41 +2,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from sparseode import distributed
-from sparseode.batching import Batch, Batches, Data, to_device
+from sparseode.batching import Batches, Data, to_device
+from sparseode.losses import LossFn, default_loss, is_flow
 
 __all__ = ["evaluate", "default_loss", "bits_per_dim", "LossFn"]
-
-LossFn = Callable[[nn.Module, Batch], Tensor]
-
-
-def is_flow(model: nn.Module) -> bool:
-    return callable(getattr(model, "log_prob", None))
-
-
-def _nll_loss(model: nn.Module, batch: Batch) -> Tensor:
-    return -model.log_prob(batch[0]).mean()
-
-
-def _cross_entropy_loss(model: nn.Module, batch: Batch) -> Tensor:
-    if len(batch) < 2:
-        raise ValueError("a classifier needs labelled data: pass data=(X, y)")
-    return F.cross_entropy(model(batch[0]), batch[1])
-
-
-def default_loss(model: nn.Module) -> LossFn:
-    """The loss ``fit`` uses for a model: mean NLL ``-log_prob(x).mean()`` for flows (anything
-    with ``log_prob``, e.g. ``CNF``), cross-entropy of ``model(x)`` against ``y`` otherwise
-    (``ODEClassifier``)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return _nll_loss if is_flow(model) else _cross_entropy_loss
 
 
 def model_device(model: nn.Module) -> torch.device | None:

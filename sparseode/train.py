@@ -106,8 +106,7 @@ def _start_ranks(model: nn.Module, batches: Batches, config: dict[str, Any]) -> 
     or the world size does not divide the global batch."""
     if not distributed.is_distributed():
         return
-    distributed.check_same("the model (a hash of parameter names, shapes and values)",
-                           distributed.model_fingerprint(model))
+    distributed.check_same_model(model, "at the start of fit")
     distributed.check_same("the fit arguments and data", {**config, "data": batches.describe()})
     if not batches.presharded:
         distributed.check_divides(config["batch_size"])

@@ -13,14 +13,13 @@ One round of :func:`iterative` (Liebenwein et al. 2021, "Sparse flows"; Frankle 
 
 The default schedule of keep ratios (:func:`default_schedule`): geometric from 0.8 to 0.2 in 20
 steps, ``keep_k = 0.8·(0.2/0.8)^(k/19)``, then linear from 0.18 to 0.02 in 9 steps (down to 98%
-sparsity); truncated at ``target`` (and ending exactly at it).
+sparsity); truncated at ``target`` (and ending exactly at it). The plan, scoring, rewinding and
+resumable state live in :mod:`sparseode.prune.cascade`.
 """
 from __future__ import annotations
 
 import math
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -28,7 +27,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from sparseode.prune.importance import MEASURES, LossFn, importance
+from sparseode import distributed
+from sparseode.prune import cascade
+from sparseode.prune.cascade import FitFn, Plan, RewindPoint, default_schedule
+from sparseode.prune.history import PruneHistory, RoundRecord
+from sparseode.prune.importance import MEASURES, LossFn
 from sparseode.prune.args import check_sparsity as _check_sparsity
 from sparseode.prune.granularity import GRANULARITIES
 from sparseode.prune.layers import FilterFn
@@ -37,98 +40,6 @@ from sparseode.prune.report import sparsity
 from sparseode.prune.rewind import rewinding, snapshot_weights
 
 __all__ = ["iterative", "one_shot", "default_schedule", "PruneHistory", "RoundRecord"]
-
-FitFn = Callable[..., Any]
-
-
-def default_schedule(target: float = 0.98) -> list[float]:
-    """Keep ratios of the flow-pruning cascade, truncated at ``1 − target`` (inclusive).
-
-    Geometric 0.8 → 0.2 in 20 steps, then linear 0.18 → 0.02 in 9 steps (29 steps, 98%).
-    If ``1 − target`` is not on the grid it is appended as the last keep ratio.
-    """
-    t = _check_sparsity(target, "target")
-    geo = [0.8 * (0.2 / 0.8) ** (k / 19) for k in range(20)]
-    lin = [0.18 - 0.02 * k for k in range(9)]
-    keep_min = 1.0 - t
-    out = [k for k in geo + lin if k >= keep_min - 1e-9]
-    if not out or abs(out[-1] - keep_min) > 1e-9:
-        out.append(keep_min)
-    return [round(k, 12) for k in out]
-
-
-@dataclass
-class RoundRecord:
-    """One prune-retrain round."""
-
-    round: int
-    target_sparsity: float   # the schedule's sparsity for the round
-    sparsity: float          # measured after pruning (all prunable layers)
-    val_metric: float        # after retraining (nan if no evaluation)
-    steps: int               # optimiser steps of the retraining
-    epochs: float            # epochs of the retraining (steps / steps-per-epoch when known)
-    time_s: float            # wall time of the round (scoring + pruning + retraining + eval)
-    stop_reason: str         # "consistent" | "max_epochs" | "budget" (ran to the fit's end)
-    final: bool = False
-    checks: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-
-@dataclass
-class PruneHistory:
-    """What :func:`iterative` did; ``checkpoints[k]`` is the state dict after round ``k``."""
-
-    rounds: list[RoundRecord] = field(default_factory=list)
-    checkpoints: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
-    dense_metric: float = math.nan
-
-    @property
-    def total_epochs(self) -> float:
-        return sum(r.epochs for r in self.rounds)
-
-    @property
-    def total_steps(self) -> int:
-        return sum(r.steps for r in self.rounds)
-
-    @property
-    def total_time(self) -> float:
-        return sum(r.time_s for r in self.rounds)
-
-    def __len__(self) -> int:
-        return len(self.rounds)
-
-    def __getitem__(self, i: int) -> RoundRecord:
-        return self.rounds[i]
-
-    def to_dicts(self) -> list[dict[str, Any]]:
-        keys = ("round", "target_sparsity", "sparsity", "val_metric", "steps", "epochs", "time_s",
-                "stop_reason", "final")
-        return [{k: getattr(r, k) for k in keys} for r in self.rounds]
-
-    def table(self) -> str:
-        lines = [f"{'round':>5} {'sparsity':>8} {'val':>10} {'epochs':>7} {'steps':>6} {'time_s':>7}  stop"]
-        if not math.isnan(self.dense_metric):
-            lines.append(f"{'dense':>5} {0.0:8.4f} {self.dense_metric:10.4f}")
-        for r in self.rounds:
-            lines.append(f"{r.round:>5} {r.sparsity:8.4f} {r.val_metric:10.4f} {r.epochs:7.2f} "
-                         f"{r.steps:>6} {r.time_s:7.1f}  {r.stop_reason}")
-        lines.append(f"total epochs {self.total_epochs:.2f}, steps {self.total_steps}, "
-                     f"time {self.total_time:.1f}s")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-def _check_schedule(schedule: Sequence[float]) -> list[float]:
-    keep = [float(k) for k in schedule]
-    if not keep:
-        raise ValueError("schedule must hold at least one keep ratio")
-    for k in keep:
-        if not (0.0 < k <= 1.0):
-            raise ValueError(f"schedule holds keep ratios in (0, 1], got {k!r}")
-    if any(b > a + 1e-12 for a, b in zip(keep, keep[1:])):
-        raise ValueError(f"schedule must be non-increasing keep ratios, got {keep}")
-    return keep
 
 
 def _val_from_result(result: Any) -> float:
@@ -144,6 +55,99 @@ def _epochs_of(result: Any, steps: int, spe: float | None) -> float:
         return steps / spe
     e = getattr(result, "epochs_run", None)
     return float(e) if e is not None else math.nan
+
+
+def _check_args(method: str, granularity: str, stop: Any, rewind: Any) -> None:
+    if method not in MEASURES:
+        raise ValueError(f"unknown method={method!r}; choose one of {sorted(MEASURES)}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity={granularity!r}; choose one of {sorted(GRANULARITIES)}")
+    if stop is not None:
+        for attr in ("reference", "start", "finish"):
+            if not callable(getattr(stop, attr, None)):
+                raise TypeError(f"stop must provide {attr}() (like so.prune.ICP), got {type(stop).__name__}")
+    if rewind is not None and not (
+        rewind == "init" if isinstance(rewind, str)
+        else isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0
+    ):
+        raise ValueError(f"rewind must be None, 'init' or an int >= 0, got {rewind!r}")
+
+
+class _Cascade:
+    """The state carried from round to round: the fits (rewinding wrapped in), steps per epoch,
+    the history, and where rounds are saved."""
+
+    def __init__(self, model, fit, final_fit, stop, rewind, ckpt_dir, prune_kw, score_kw, evaluate,
+                 spe) -> None:
+        self.model, self.fit, self.final_fit, self.stop = model, fit, final_fit, stop
+        self.rewind, self.ckpt_dir, self.prune_kw, self.score_kw = rewind, ckpt_dir, prune_kw, score_kw
+        self.evaluate, self.spe = evaluate, spe
+        self.rewind_point: RewindPoint | None = None
+        self.hist = PruneHistory()
+
+    def set_rewind(self, weights: dict[str, torch.Tensor]) -> None:
+        self.fit = rewinding(self.fit, self.model, weights)
+        self.final_fit = rewinding(self.final_fit, self.model, weights)
+        cascade.save_rewind(self.ckpt_dir, weights)
+
+    def start(self, resume: bool, meta: dict[str, Any]) -> int:
+        """The first round to run (after loading a saved run when resuming)."""
+        saved = cascade.resume(self.model, self.ckpt_dir, meta) if resume else None
+        if saved is not None:
+            self.hist, weights = saved
+            if weights is not None:
+                self.set_rewind(weights)
+            if self.hist.rounds and self.spe is None and self.hist.rounds[0].epochs:
+                r0 = self.hist.rounds[0]
+                self.spe = r0.steps / r0.epochs if r0.stop_reason == "budget" and r0.epochs > 0 else None
+        if saved is None or not self.hist.rounds:
+            if self.evaluate is not None:
+                self.hist.dense_metric = float(self.evaluate(self.model))
+            if self.rewind == "init":
+                self.set_rewind(snapshot_weights(self.model))
+        if self.rewind is not None and self.rewind != "init" and not (saved and self.hist.rounds):
+            self.rewind_point = RewindPoint(self.model, int(self.rewind))
+        return self.hist.rounds[-1].round + 1 if self.hist.rounds else 0
+
+    def _retrain(self, k: int, is_final: bool) -> tuple[Any, str, int, list]:
+        extra: list[Any] = []
+        if self.rewind_point is not None and k == 0 and not is_final:
+            self.rewind_point.start()
+            extra = [self.rewind_point]
+        if self.stop is not None and not is_final:
+            self.stop.start()
+            result = self.fit(self.model, callbacks=[self.stop, *extra])
+            rec = self.stop.finish()
+            reason, checks = rec["reason"], rec.get("checks", [])
+            steps = int(getattr(result, "steps", rec["steps"]) or rec["steps"])
+        else:
+            result = (self.final_fit if is_final else self.fit)(self.model, callbacks=extra)
+            reason, checks, steps = "budget", [], int(getattr(result, "steps", 0) or 0)
+        if extra:  # late rewinding: every later round's retraining starts from θ after k steps
+            self.set_rewind(self.rewind_point.finish())
+            self.rewind_point = None
+        return result, reason, steps, checks
+
+    def round(self, k: int, kr: float, is_final: bool, method: str, seed: int) -> RoundRecord:
+        t0 = time.perf_counter()
+        s_k = min(max(1.0 - kr, 0.0), 1.0 - 1e-12)
+        if self.stop is not None and not is_final:
+            self.stop.reference(self.model)
+        sc = cascade.scores(self.model, method, seed=seed + k if method == "random" else None, **self.score_kw)
+        apply(self.model, sc, s_k, **self.prune_kw)
+        distributed.broadcast_masks(self.model)  # rank 0 decides
+        distributed.check_same_masks(self.model, f"after pruning round {k}")
+        achieved = sparsity(self.model, self.prune_kw["filter_fn"]).total
+        result, reason, steps, checks = self._retrain(k, is_final)
+        if self.spe is None and self.stop is not None and getattr(self.stop, "steps_per_epoch", None):
+            self.spe = self.stop.steps_per_epoch
+        if self.spe is None and reason == "budget" and getattr(result, "epochs_run", None):
+            self.spe = steps / float(result.epochs_run)
+        val = float(self.evaluate(self.model)) if self.evaluate is not None else _val_from_result(result)
+        distributed.check_same_masks(self.model, f"after retraining round {k}")
+        return RoundRecord(round=k, target_sparsity=1.0 - kr, sparsity=achieved, val_metric=val, steps=steps,
+                           epochs=_epochs_of(result, steps, self.spe), time_s=time.perf_counter() - t0,
+                           stop_reason=reason, final=is_final, checks=checks)
 
 
 def iterative(
@@ -170,6 +174,7 @@ def iterative(
     progress: bool = True,
     pq_params: Mapping[str, float] | None = None,
     rewind: None | str | int = None,
+    resume: bool = False,
 ) -> PruneHistory:
     """Prune-retrain cascade: prune, retrain from the current weights, repeat; in place.
 
@@ -199,7 +204,11 @@ def iterative(
         final_fit: the fit of the final round (default ``fit``); it always runs to its budget.
         steps_per_epoch: converts steps to epochs in the history (default: taken from ``stop``
             or from the first round run to its budget, ``steps / epochs_run``).
-        checkpoint_dir: also save every round's state dict as ``round_XX.pt`` there.
+        checkpoint_dir: also save every round's state dict as ``round_XX.pt`` there, with the
+            history so far in ``cascade.json`` (and ``rewind.pt``) for ``resume``.
+        resume: with ``checkpoint_dir``, continue a run that was stopped (killed): load the last
+            complete round saved there into ``model`` and run the remaining rounds; a folder with
+            no saved run starts from the beginning, so one command serves both.
         seed: seed of the ``"random"`` measure (plus the round index).
         progress: a tqdm bar over the rounds.
         pq_params: hyperparameters of ``schedule="pq"``.
@@ -214,147 +223,51 @@ def iterative(
             first retraining runs fewer than ``k`` steps, its final weights, with a warning); the
             first round itself is not rewound.
 
+    Under ``torchrun`` (a process group, :mod:`sparseode.distributed`) every rank runs this with
+    the same arguments: ``fit`` trains data-parallel, a data-driven measure scores on each rank's
+    share of the ``n_batches`` batches (averaged over all, as in one process), the masks decided on
+    rank 0 are broadcast and checked equal on every rank after every round, and only rank 0 shows
+    the bar and writes ``checkpoint_dir``.
+
+    A model already at or past ``target`` is said so (a warning) and gets only the final
+    retraining; rounds of the schedule that would prune nothing are skipped with a warning.
+
     Returns:
         :class:`PruneHistory` with one :class:`RoundRecord` per round and every round's
         checkpoint (``history.checkpoints``, CPU copies; load with :func:`load_pruned`).
     """
-    if method not in MEASURES:
-        raise ValueError(f"unknown method={method!r}; choose one of {sorted(MEASURES)}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity={granularity!r}; choose one of {sorted(GRANULARITIES)}")
+    _check_args(method, granularity, stop, rewind)
     target = _check_sparsity(target, "target")
-    adaptive = isinstance(schedule, str)
-    if adaptive:
-        if schedule != "pq":
-            raise ValueError(f"schedule must be keep ratios or 'pq', got {schedule!r}")
-        from sparseode.prune.pq import check_pq_params, pq_next_keep
-
-        pq_kw = {"p": 0.5, "q": 1.0, "gamma": 1.0, "eta_r": 0.0, "beta": 0.9, **dict(pq_params or {})}
-        check_pq_params(**pq_kw)
-        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
-            raise ValueError(f"rounds must be a positive int, got {rounds!r}")
-        max_rounds = rounds if rounds is not None else 30
-        keep: list[float] = []
-    elif schedule is None:
-        if rounds is not None:
-            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-                raise ValueError(f"rounds must be a positive int, got {rounds!r}")
-            keep = [(1.0 - target) ** (k / rounds) for k in range(1, rounds + 1)]
-        else:
-            keep = default_schedule(target)
-    else:
-        keep = _check_schedule(schedule)
-    if stop is not None:
-        for attr in ("reference", "start", "finish"):
-            if not callable(getattr(stop, attr, None)):
-                raise TypeError(f"stop must provide {attr}() (like so.prune.ICP), got {type(stop).__name__}")
-    final_fit = final_fit or fit
-    if rewind is not None and not (
-        rewind == "init" if isinstance(rewind, str)
-        else isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0
-    ):
-        raise ValueError(f"rewind must be None, 'init' or an int >= 0, got {rewind!r}")
-    rewind_point: _RewindPoint | None = None
-    if rewind == "init":
-        init_w = snapshot_weights(model)
-        fit, final_fit = rewinding(fit, model, init_w), rewinding(final_fit, model, init_w)
-    elif rewind is not None:
-        rewind_point = _RewindPoint(model, int(rewind))
+    plan = Plan(target, schedule, rounds, pq_params, filter_fn)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_dir is not None:
+    if resume and ckpt_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir (where the rounds were saved)")
+    if ckpt_dir is not None and distributed.is_main():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    hist = PruneHistory()
-    if evaluate is not None:
-        hist.dense_metric = float(evaluate(model))
-    spe: float | None = steps_per_epoch
-
-    def _plan() -> Iterable[tuple[int, float, bool]]:
-        if not adaptive:
-            yield from ((k, kr, k == len(keep) - 1) for k, kr in enumerate(keep))
-            return
-        for k in range(max_rounds):  # computed lazily, from the weights at the round's start
-            kr = pq_next_keep(model, filter_fn, **pq_kw)
-            final = kr <= 1.0 - target + 1e-12 or k == max_rounds - 1
-            yield k, (1.0 - target if final else kr), final
-            if final:
-                return
-
-    bar = tqdm(_plan(), total=None if adaptive else len(keep), desc=f"prune {method}",
-               disable=not progress, leave=False)
+    distributed.check_same_model(model, "at the start of iterative")
+    plan.skip_pruned(cascade.current_sparsity(model, filter_fn))
+    meta = {"target": target, "method": method, "granularity": granularity,
+            "keep": "pq" if plan.adaptive else plan.keep}
+    run = _Cascade(model, fit, final_fit or fit, stop, rewind, ckpt_dir,
+                   {"granularity": granularity, "block": block, "scope": scope, "filter_fn": filter_fn},
+                   {"loss_fn": loss_fn, "data": data, "n_batches": n_batches}, evaluate, steps_per_epoch)
+    first = run.start(resume, meta)
+    bar = tqdm(plan.rounds(model, first), total=len(plan) - first if len(plan) else None,
+               desc=f"prune {method}", disable=not progress or not distributed.is_main(), leave=False)
     for k, kr, is_final in bar:
-        t0 = time.perf_counter()
-        s_k = min(max(1.0 - kr, 0.0), 1.0 - 1e-12)
-        use_stop = stop is not None and not is_final
-        if use_stop:
-            stop.reference(model)
-        scores = importance(model, method, loss_fn=loss_fn, data=data, n_batches=n_batches,
-                            seed=seed + k if method == "random" else None)
-        apply(model, scores, s_k, granularity=granularity, block=block, scope=scope, filter_fn=filter_fn)
-        achieved = sparsity(model, filter_fn).total
-        checks: list[dict[str, Any]] = []
-        extra: list[Any] = []
-        if rewind_point is not None and k == 0 and not is_final:
-            rewind_point.start()
-            extra = [rewind_point]
-        if use_stop:
-            stop.start()
-            result = fit(model, callbacks=[stop, *extra])
-            rec = stop.finish()
-            reason, checks = rec["reason"], rec.get("checks", [])
-            steps = int(getattr(result, "steps", rec["steps"]) or rec["steps"])
-        else:
-            result = (final_fit if is_final else fit)(model, callbacks=extra)
-            reason = "budget"
-            steps = int(getattr(result, "steps", 0) or 0)
-        if extra:  # late rewinding: every later round's retraining starts from θ after k steps
-            w_k = rewind_point.finish()
-            fit, final_fit = rewinding(fit, model, w_k), rewinding(final_fit, model, w_k)
-        if spe is None and stop is not None and getattr(stop, "steps_per_epoch", None):
-            spe = stop.steps_per_epoch
-        if spe is None and reason == "budget" and getattr(result, "epochs_run", None):
-            spe = steps / float(result.epochs_run)
-        val = float(evaluate(model)) if evaluate is not None else _val_from_result(result)
+        rec = run.round(k, kr, is_final, method, seed)
         sd = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
-        hist.checkpoints.append(sd)
+        run.hist.checkpoints.append(sd)
+        run.hist.rounds.append(rec)
         if ckpt_dir is not None:
-            torch.save(sd, ckpt_dir / f"round_{k:02d}.pt")
-        hist.rounds.append(RoundRecord(
-            round=k, target_sparsity=1.0 - kr, sparsity=achieved, val_metric=val, steps=steps,
-            epochs=_epochs_of(result, steps, spe), time_s=time.perf_counter() - t0,
-            stop_reason=reason, final=is_final, checks=checks))
-        bar.set_postfix(sparsity=f"{achieved:.3f}", val=f"{val:.4f}", stop=reason)
-    # rounds recorded before steps-per-epoch was known
-    if spe:
-        for r in hist.rounds:
+            cascade.save_round(ckpt_dir, k, sd, run.hist, meta)
+        bar.set_postfix(sparsity=f"{rec.sparsity:.3f}",
+                        val="-" if math.isnan(rec.val_metric) else f"{rec.val_metric:.4f}", stop=rec.stop_reason)
+    if run.spe:  # rounds recorded before steps-per-epoch was known
+        for r in run.hist.rounds:
             if math.isnan(r.epochs):
-                r.epochs = r.steps / spe
-    return hist
-
-
-class _RewindPoint:
-    """``fit`` callback of :func:`iterative`'s first round: snapshots the weights after ``k`` steps."""
-
-    def __init__(self, model: nn.Module, k: int):
-        self.model, self.k = model, k
-        self.steps, self.weights = 0, None
-
-    def start(self) -> None:
-        self.steps = 0
-        self.weights = snapshot_weights(self.model) if self.k == 0 else None
-
-    def __call__(self, state: Any) -> bool:  # noqa: ARG002
-        self.steps += 1
-        if self.steps == self.k:
-            self.weights = snapshot_weights(self.model)
-        return False
-
-    def finish(self) -> dict[str, torch.Tensor]:
-        if self.weights is None:
-            warnings.warn(f"rewind={self.k}: the first retraining ran only {self.steps} optimiser "
-                          "steps; rewinding to its final weights", stacklevel=3)
-            self.weights = snapshot_weights(self.model)
-        return self.weights
+                r.epochs = r.steps / run.spe
+    return run.hist
 
 
 def one_shot(
