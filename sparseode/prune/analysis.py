@@ -26,6 +26,7 @@ import torch.nn as nn
 from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import logical_names, masks
 from sparseode.prune.checkpoint import clone, load_pruned
+from sparseode.prune.args import integer, real
 from sparseode.prune.importance import batches_of
 from sparseode.prune.report import sparsity
 
@@ -63,6 +64,105 @@ def _restricted_params(model: nn.Module, params: str) -> tuple[list[nn.Parameter
     return ps, ms
 
 
+HVP = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+def _hvp(model: nn.Module, loss_fn: LossFn, batches: list[tuple], ps: list[nn.Parameter],
+         ms: list[torch.Tensor]) -> HVP:
+    """``v ↦ P ∇²L P v`` for the mean loss over ``batches`` (double backprop per batch)."""
+
+    def hvp(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        acc = [torch.zeros_like(p) for p in ps]
+        with torch.enable_grad():
+            for b in batches:
+                loss = loss_fn(model, b)
+                gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+                dot = sum((g * v).sum() for g, v in zip(gs, vs) if g is not None and g.requires_grad)
+                if not torch.is_tensor(dot):
+                    continue
+                hv = torch.autograd.grad(dot, ps, allow_unused=True)
+                for a, h in zip(acc, hv):
+                    if h is not None:
+                        a.add_(h.detach())
+        return [a * m / len(batches) for a, m in zip(acc, ms)]
+
+    return hvp
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(sum((x * y).sum() for x, y in zip(a, b)))
+
+
+def _random(ps: list[nn.Parameter], ms: list[torch.Tensor], gen: torch.Generator, kind: str) -> list[torch.Tensor]:
+    """A random vector on the unpruned coordinates: standard ``"normal"`` or ``"rademacher"`` ±1."""
+    out = []
+    for p, m in zip(ps, ms):
+        if kind == "normal":
+            r = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        else:
+            r = torch.randint(0, 2, p.shape, generator=gen).to(torch.float64) * 2 - 1
+        out.append(r.to(p) * m)
+    return out
+
+
+def _normalized(v: list[torch.Tensor]) -> list[torch.Tensor]:
+    n = math.sqrt(_dot(v, v))
+    return [x / n for x in v]
+
+
+def _power(hvp: HVP, v: list[torch.Tensor], n_iter: int, tol: float) -> tuple[float, int]:
+    """Eigenvalue of largest magnitude by power iteration from ``v``; ``(value, iterations)``."""
+    v = _normalized(v)
+    top, iters = 0.0, 0
+    for iters in range(1, n_iter + 1):
+        hv = hvp(v)
+        lam = _dot(v, hv)
+        nrm = math.sqrt(_dot(hv, hv))
+        if nrm == 0:
+            return 0.0, iters
+        v = [x / nrm for x in hv]
+        converged = iters > 1 and abs(lam - top) <= tol * max(abs(top), 1e-12)
+        top = lam
+        if converged:
+            break
+    return top, iters
+
+
+def _lanczos(hvp: HVP, q: list[torch.Tensor], m: int) -> tuple[list[float], int]:
+    """Ritz values (descending) of ``m`` Lanczos steps from ``q`` with full reorthogonalisation."""
+    Q = [_normalized(q)]
+    alpha: list[float] = []
+    beta: list[float] = []
+    for j in range(m):
+        w = hvp(Q[j])
+        a = _dot(w, Q[j])
+        alpha.append(a)
+        for _ in range(2):  # reorthogonalise twice, for stability
+            for qi in Q:
+                c = _dot(w, qi)
+                w = [x - c * y for x, y in zip(w, qi)]
+        if j == m - 1:
+            break
+        b = math.sqrt(max(_dot(w, w), 0.0))
+        if b < 1e-10 * max(1.0, abs(a)):
+            break
+        beta.append(b)
+        Q.append([x / b for x in w])
+    k = len(alpha)
+    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(beta[: k - 1], dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return sorted(torch.linalg.eigvalsh(T).tolist(), reverse=True), k
+
+
+def _hutchinson(hvp: HVP, probes: list[list[torch.Tensor]]) -> tuple[float, float]:
+    """Trace estimate ``mean_k v_kᵀ H v_k`` and its standard error (nan for one probe)."""
+    t = torch.tensor([_dot(v, hvp(v)) for v in probes], dtype=torch.float64)
+    se = float(t.std() / math.sqrt(len(probes))) if len(probes) > 1 else math.nan
+    return float(t.mean()), se
+
+
 def hessian_spectrum(
     model: nn.Module,
     loss_fn: LossFn | None = None,
@@ -84,8 +184,9 @@ def hessian_spectrum(
         data: iterable of batches; the first ``n_batches`` are averaged.
         method: ``"power"`` (power iteration, stops when the eigenvalue changes by less than
             ``tol`` relatively) or ``"lanczos"`` (``n_iter`` Lanczos steps).
-        n_iter: iterations of either method.
-        n_hutchinson: Rademacher probes of the trace estimate (0 skips the trace).
+        n_iter: iterations of either method (an int >= 1).
+        tol: relative tolerance of the power iteration (a real number > 0).
+        n_hutchinson: Rademacher probes of the trace estimate (an int >= 0; 0 skips the trace).
         params: ``"all"`` trainable parameters or only ``"weights"``.
         seed: seed of the start vector and probes.
 
@@ -96,104 +197,27 @@ def hessian_spectrum(
         raise ValueError(f"unknown method={method!r}; choose 'power' or 'lanczos'")
     if params not in ("all", "weights"):
         raise ValueError(f"params must be 'all' or 'weights', got {params!r}")
+    n_iter = integer(n_iter, "n_iter", low=1)
+    tol = real(tol, "tol", low=0.0, low_open=True)
+    n_hutchinson = integer(n_hutchinson, "n_hutchinson", low=0)
+    gen = torch.Generator().manual_seed(integer(seed, "seed"))
     loss_fn = resolve_loss(model, loss_fn, "hessian_spectrum")
     batches = batches_of(data, n_batches, "hessian_spectrum")
     ps, ms = _restricted_params(model, params)
     dim = int(sum(float(m.sum()) for m in ms))
-    gen = torch.Generator().manual_seed(seed)
-
-    def hvp(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        acc = [torch.zeros_like(p) for p in ps]
-        with torch.enable_grad():
-            for b in batches:
-                loss = loss_fn(model, b)
-                gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
-                dot = sum((g * v).sum() for g, v in zip(gs, vs) if g is not None and g.requires_grad)
-                if not torch.is_tensor(dot):
-                    continue
-                hv = torch.autograd.grad(dot, ps, allow_unused=True)
-                for a, h in zip(acc, hv):
-                    if h is not None:
-                        a.add_(h.detach())
-        return [a * m / len(batches) for a, m in zip(acc, ms)]
-
-    def dot(a, b) -> float:
-        return float(sum((x * y).sum() for x, y in zip(a, b)))
-
-    def rand_like(kind: str) -> list[torch.Tensor]:
-        out = []
-        for p, m in zip(ps, ms):
-            if kind == "normal":
-                r = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            else:
-                r = torch.randint(0, 2, p.shape, generator=gen).to(torch.float64) * 2 - 1
-            out.append(r.to(p) * m)
-        return out
-
-    def normalize(v):
-        n = math.sqrt(dot(v, v))
-        return [x / n for x in v], n
+    hvp = _hvp(model, loss_fn, batches, ps, ms)
 
     eigs: list[float] = []
-    iters = 0
-    if dim == 0:
-        top = 0.0
-    elif method == "power":
-        v, _ = normalize(rand_like("normal"))
-        top = 0.0
-        for iters in range(1, n_iter + 1):
-            hv = hvp(v)
-            lam = dot(v, hv)
-            nrm = math.sqrt(dot(hv, hv))
-            if nrm == 0:
-                top = 0.0
-                break
-            v = [x / nrm for x in hv]
-            if iters > 1 and abs(lam - top) <= tol * max(abs(top), 1e-12):
-                top = lam
-                break
-            top = lam
+    top, iters = 0.0, 0
+    if dim > 0 and method == "power":
+        top, iters = _power(hvp, _random(ps, ms, gen, "normal"), n_iter, tol)
         eigs = [top]
-    else:
-        m = min(n_iter, dim)
-        q, _ = normalize(rand_like("normal"))
-        Q = [q]
-        alpha, beta = [], []
-        for j in range(m):
-            w = hvp(Q[j])
-            a = dot(w, Q[j])
-            alpha.append(a)
-            # full reorthogonalisation (twice for stability)
-            for _ in range(2):
-                for qi in Q:
-                    c = dot(w, qi)
-                    w = [x - c * y for x, y in zip(w, qi)]
-            iters = j + 1
-            if j == m - 1:
-                break
-            b = math.sqrt(max(dot(w, w), 0.0))
-            if b < 1e-10 * max(1.0, abs(a)):
-                break
-            beta.append(b)
-            Q.append([x / b for x in w])
-        k = len(alpha)
-        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-        if k > 1:
-            off = torch.tensor(beta[: k - 1], dtype=torch.float64)
-            T += torch.diag(off, 1) + torch.diag(off, -1)
-        ev = torch.linalg.eigvalsh(T)
-        eigs = sorted(ev.tolist(), reverse=True)
+    elif dim > 0:
+        eigs, iters = _lanczos(hvp, _random(ps, ms, gen, "normal"), min(n_iter, dim))
         top = max(eigs, key=abs)
-
     tr, se = math.nan, math.nan
     if n_hutchinson > 0 and dim > 0:
-        est = []
-        for _ in range(n_hutchinson):
-            v = rand_like("rademacher")
-            est.append(dot(v, hvp(v)))
-        t = torch.tensor(est, dtype=torch.float64)
-        tr = float(t.mean())
-        se = float(t.std() / math.sqrt(len(est))) if len(est) > 1 else math.nan
+        tr, se = _hutchinson(hvp, [_random(ps, ms, gen, "rademacher") for _ in range(n_hutchinson)])
     return HessianSpectrum(top_eigenvalue=float(top), trace=tr, trace_stderr=se, dim=dim,
                            eigenvalues=eigs, iterations=iters)
 
@@ -217,11 +241,10 @@ def mode_coverage(
     Returns:
         one dict per checkpoint: ``{"sparsity": float, "coverage": <mode_coverage's result>}``.
     """
-    from sparseode import data as so_data
+    from sparseode.data import mode_coverage as cover  # numpy and the data sets: on first use
 
-    cover = getattr(so_data, "mode_coverage", None)
-    if cover is None:
-        raise RuntimeError("sparseode.data.mode_coverage is not available")
+    n_samples = integer(n_samples, "n_samples", low=1)
+    integer(seed, "seed")
     sample_fn = sample_fn or (lambda m, n: m.sample(n))
     out = []
     for sd in checkpoints:

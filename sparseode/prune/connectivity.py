@@ -52,19 +52,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
-from sparseode.prune.icp import _as_batches, fixed_step, register_icp_measure
-from sparseode.losses import resolve_loss
+from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import mask_or_ones, trainable
+from sparseode.prune.args import integer, real
+from sparseode.prune.icp import _as_batches, fixed_step, register_icp_measure
 from sparseode.prune.layers import FilterFn, prunable_layers
 
 __all__ = ["connectivity", "gradient_flow", "ConnectivityMeasure", "FlowSnapshot", "flow_layers"]
-
-LossFn = Callable[[nn.Module, Sequence[Any]], torch.Tensor]
 
 STD_FLOOR = 1e-3
 
@@ -151,6 +150,8 @@ def _collect(
     seed: int,
 ) -> FlowSnapshot:
     """One pass over the probe: layer outputs (hooks, forward only) and per-batch masked gradients."""
+    integer(n_steps, "n_steps", low=1)
+    integer(seed, "seed")
     chains = flow_layers(model, filter_fn) if want_c else []
     if want_c and sum(max(len(ch) - 1, 0) for ch in chains) < 1:
         raise ValueError(
@@ -298,8 +299,9 @@ class ConnectivityMeasure:
         seed: int = 0,
     ) -> None:
         for nm, v in (("eps_info", eps_info), ("eps_grad", eps_grad)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0) or math.isinf(v):
-                raise ValueError(f"{nm} must be a positive finite number, got {v!r}")
+            real(v, nm, low=0.0, low_open=True)
+        integer(n_steps, "n_steps", low=1)
+        integer(seed, "seed")
         if reference not in ("dense", "previous"):
             raise ValueError(f"reference must be 'dense' or 'previous', got {reference!r}")
         self.eps_info = float(eps_info)

@@ -44,13 +44,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
 
-from sparseode.losses import resolve_loss
+from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import trainable
+from sparseode.prune.args import integer, real
 from sparseode.prune.layers import FilterFn, prunable_layers
 
 __all__ = [
@@ -62,9 +63,6 @@ __all__ = [
     "fixed_step",
 ]
 
-LossFn = Callable[[nn.Module, Sequence[Any]], torch.Tensor]
-
-
 @contextlib.contextmanager
 def fixed_step(model: nn.Module, n_steps: int = 4, method: str = "rk4") -> Iterator[None]:
     """Make every ODE solve inside ``model`` a fixed-step solve for the duration of the block.
@@ -73,8 +71,7 @@ def fixed_step(model: nn.Module, n_steps: int = 4, method: str = "rk4") -> Itera
     ``CNF``) gets ``method=method`` and ``options={"step_size": span / n_steps}``, with ``span``
     its integration length (``t_span`` or ``T``, default 1). Restored on exit.
     """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    n_steps = integer(n_steps, "n_steps", low=1)
     saved = []
     for m in model.modules():
         if isinstance(getattr(m, "method", None), str) and hasattr(m, "options"):
@@ -132,12 +129,10 @@ class DiscrepancyMeasure:
         filter_fn: FilterFn | None = None,
         seed: int = 0,
     ) -> None:
-        if not (tol_info > 0):
-            raise ValueError(f"tol_info must be positive, got {tol_info!r}")
-        if not (0 < tol_grad):
-            raise ValueError(f"tol_grad must be positive, got {tol_grad!r}")
-        self.tol_info = float(tol_info)
-        self.tol_grad = float(tol_grad)
+        self.tol_info = real(tol_info, "tol_info", low=0.0, low_open=True)
+        self.tol_grad = real(tol_grad, "tol_grad", low=0.0, low_open=True)
+        integer(n_steps, "n_steps", low=1)
+        integer(seed, "seed")
         self.n_steps = n_steps
         self.filter_fn = filter_fn
         self.seed = seed
@@ -287,10 +282,11 @@ class ICP:
         if probe is None:
             raise ValueError("probe must be an iterable of held-out batches, got probe=None")
         for name, v, low in (("patience", patience, 1), ("check_every", check_every, 1), ("min_steps", min_steps, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        if max_epochs is not None and not (max_epochs > 0):
-            raise ValueError(f"max_epochs must be positive or None, got {max_epochs!r}")
+            integer(v, name, low=low)
+        if max_epochs is not None:
+            real(max_epochs, "max_epochs", low=0.0, low_open=True)
+        if steps_per_epoch is not None:
+            integer(steps_per_epoch, "steps_per_epoch", low=1)
         self.probe = _as_batches(probe)
         self.loss_fn = loss_fn
         self.patience = patience

@@ -34,23 +34,20 @@ import torch
 import torch.nn as nn
 
 from sparseode.pruned import mask_or_ones, trainable
+from sparseode.prune.args import real
 from sparseode.prune.layers import FilterFn, prunable_layers
 
 __all__ = ["pq_index", "pq_prune_count", "pq_keep_ratio", "pq_next_keep", "check_pq_params"]
 
 
 def check_pq_params(p: float, q: float, gamma: float, eta_r: float, beta: float) -> None:
-    """Raise ``ValueError`` naming the argument unless ``0 < p < q``, ``γ > 0``, ``η_r ≥ 0``, ``0 < β ≤ 1``."""
-    if not (isinstance(p, (int, float)) and p > 0 and math.isfinite(p)):
-        raise ValueError(f"p must be a positive number, got {p!r}")
-    if not (isinstance(q, (int, float)) and q > p and math.isfinite(q)):
-        raise ValueError(f"q must be a number greater than p={p!r}, got {q!r}")
-    if not (isinstance(gamma, (int, float)) and gamma > 0 and math.isfinite(gamma)):
-        raise ValueError(f"gamma must be a positive number, got {gamma!r}")
-    if not (isinstance(eta_r, (int, float)) and eta_r >= 0 and math.isfinite(eta_r)):
-        raise ValueError(f"eta_r must be a number >= 0, got {eta_r!r}")
-    if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
-        raise ValueError(f"beta must be in (0, 1], got {beta!r}")
+    """Raise naming the argument unless all are finite real numbers with ``0 < p < q``, ``γ > 0``,
+    ``η_r ≥ 0``, ``0 < β ≤ 1`` (``TypeError`` for a non-number, ``ValueError`` out of range)."""
+    p = real(p, "p", low=0.0, low_open=True)
+    real(q, "q", low=p, low_open=True)
+    real(gamma, "gamma", low=0.0, low_open=True)
+    real(eta_r, "eta_r", low=0.0)
+    real(beta, "beta", low=0.0, high=1.0, low_open=True)
 
 
 def _retained(w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
