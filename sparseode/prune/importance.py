@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from sparseode.distributed import mean_over_ranks
 from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import effective, logical_names
 from sparseode.prune.args import integer
@@ -110,7 +111,7 @@ def _grad(model, loss_fn, batches, params) -> list[torch.Tensor]:
             for a, g in zip(acc, gs):
                 if g is not None:
                     a.add_(g.detach())
-    return [a / len(batches) for a in acc]
+    return mean_over_ranks(acc, len(batches))  # over every rank's batches under torchrun
 
 
 _ERROR_NODES = {"Error", "DelayedError", "NotImplemented"}
@@ -171,7 +172,7 @@ def _hessian_grad(model, loss_fn, batches, params, method: str) -> list[torch.Te
             for a, h in zip(acc, hg):
                 if h is not None:
                     a.add_(h.detach())
-    return [a / len(batches) for a in acc]
+    return mean_over_ranks(acc, len(batches))  # over every rank's batches under torchrun
 
 
 class Measure:
