@@ -1,7 +1,7 @@
 """sparseode: prune continuous-depth models, then run the pruned layers on sparse kernels.
 
 The public API (see README.md): ``data``, ``models``, ``prune`` (subpackages), ``sparsify``,
-``densify`` and ``backends``. Importing sparseode never imports triton or initialises CUDA;
+``densify``, ``save``/``load`` (checkpoints without pickled code) and ``backends``. Importing sparseode never imports triton or initialises CUDA;
 subpackages load on first use.
 """
 from __future__ import annotations
@@ -10,17 +10,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["data", "models", "prune", "nn", "sparsify", "densify", "backends", "__version__"]
+__all__ = ["data", "models", "prune", "nn", "sparsify", "densify", "save", "load", "backends", "__version__"]
 
 _SUBMODULES = {"data", "models", "prune", "nn"}
 _FUNCTIONS = {
     "sparsify": "sparseode.nn.convert",
     "densify": "sparseode.nn.convert",
+    "save": "sparseode.checkpoint",
+    "load": "sparseode.checkpoint",
     "backends": "sparseode.ops.dispatch",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from sparseode import data, models, nn, prune
+    from sparseode.checkpoint import load, save
     from sparseode.nn.convert import densify, sparsify
     from sparseode.ops.dispatch import backends
 

@@ -169,6 +169,14 @@ class CNF(nn.Module):
         self._count = 0
         self._noise: Tensor | None = None
 
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this CNF (``sparseode.save``): JSON values, and
+        ``field`` as the field module (a list of them for a stack)."""
+        fields = list(self.fields)
+        return {"field": fields[0] if len(fields) == 1 else fields, "trace": self.trace, "noise": self.noise,
+                "T": self.T, "method": self.method, "rtol": self.rtol, "atol": self.atol, "adjoint": self.adjoint,
+                "options": self.options, "inference_trace": self.inference_trace}
+
     @property
     def field(self) -> nn.Module:
         """The field of a single flow (use ``fields`` for a stack)."""

@@ -78,6 +78,12 @@ class NeuralODE(nn.Module):
         self.nfe = 0
         self._count = 0
 
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this block (``sparseode.save``): JSON values, and
+        ``field`` as the field module."""
+        return {"field": self.field, "t": list(self.t_span), "method": self.method, "rtol": self.rtol,
+                "atol": self.atol, "adjoint": self.adjoint, "options": self.options}
+
     def _dynamics(self, t: Tensor, x: Tensor) -> Tensor:
         self._count += 1
         return self.field(t, x)
@@ -162,6 +168,14 @@ class ODEClassifier(nn.Module):
         field = MLPVectorField(self.state_dim, hidden, time=time, activation=activation)
         self.ode = NeuralODE(field, t=t, method=method, rtol=rtol, atol=atol, adjoint=adjoint, options=options)
         self.readout = nn.Linear(self.state_dim, n_classes)
+        self._config = {"in_dim": in_dim, "hidden": list(field.hidden), "n_classes": n_classes, "time": time,
+                        "activation": activation, "embed_dim": embed_dim, "augment": augment,
+                        "t": list(self.ode.t_span), "method": method, "rtol": rtol, "atol": atol,
+                        "adjoint": adjoint, "options": self.ode.options}
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON values) that rebuild this classifier (``sparseode.save``)."""
+        return dict(self._config)
 
     @property
     def field(self) -> nn.Module:

@@ -13,6 +13,7 @@ number or 0-d / one-element tensor), or a tensor of per-sample times shaped ``x.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -157,6 +158,10 @@ class MLPVectorField(nn.Module):
             if i < last:
                 h = act(h)
         return h
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON values) that rebuild this field (``sparseode.save``)."""
+        return {"dim": self.dim, "hidden": list(self.hidden), "time": self.time, "activation": self.activation}
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, time={self.time!r}, activation={self.activation!r}"
