@@ -64,29 +64,29 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=512, help="minibatch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffling")
-    p.add_argument("--out", default="runs/train", help="folder for model.pt, state_dict.pt, train.json")
+    p.add_argument("--out", default="runs/train", help="folder for model.pt (sparseode.save) and train.json")
 
 
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from sparseode.checkpoint import save
     from sparseode.train import fit
 
     model, train, val = _model_for(args.model, args.dataset, args.hidden)
     result = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_data=val,
                  seed=args.seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    torch.save(model, Path(args.out) / "model.pt")
-    torch.save(model.state_dict(), Path(args.out) / "state_dict.pt")
+    save(model, Path(args.out) / "model.pt")
     _write_record(args.out, "train.json", {"model": args.model, "dataset": args.dataset, "hidden": args.hidden,
                                            "best_val": result.best_val, "epochs": result.epochs_run,
                                            "history": result.history})
-    print(f"best validation metric {result.best_val:.4f}; wrote {args.out}/model.pt, state_dict.pt, train.json")
+    print(f"best validation metric {result.best_val:.4f}; wrote {args.out}/model.pt, train.json")
     return 0
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `sparseode train`")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `sparseode train` (or sparseode.save)")
     p.add_argument("--dataset", default=None, help="retraining data (default: the one in train.json beside it)")
     p.add_argument("--target", type=float, default=0.9, help="final sparsity in [0, 1)")
     p.add_argument("--rounds", type=int, default=5, help="pruning rounds")
@@ -94,7 +94,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", default="weight", choices=["weight", "neuron", "block"], help="what a pruned unit is")
     p.add_argument("--stop", choices=["none", "icp"], default="none", help="ICP early stopping of intermediate rounds")
     p.add_argument("--retrain-epochs", type=int, default=3, help="retraining epochs per round")
-    p.add_argument("--out", default="runs/prune", help="folder for pruned.pt, sparse.pt, prune.json")
+    p.add_argument("--out", default="runs/prune", help="folder for pruned.pt, sparse.pt (sparseode.save), prune.json")
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -103,10 +103,11 @@ def _prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sparseode import prune
+    from sparseode.checkpoint import load, save
     from sparseode.nn.convert import sparsify
     from sparseode.train import fit
 
-    model = torch.load(args.checkpoint, weights_only=False)
+    model = load(args.checkpoint)
     meta_path = Path(args.checkpoint).with_name("train.json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     dataset = args.dataset or meta.get("dataset")
@@ -121,8 +122,8 @@ def _prune(args: argparse.Namespace) -> int:
     history = prune.iterative(model, fit=retrain, target=args.target, rounds=args.rounds, method=args.method,
                               granularity=args.granularity, stop=stop)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    torch.save(model, Path(args.out) / "pruned.pt")
-    torch.save(sparsify(prune.clone(model)), Path(args.out) / "sparse.pt")
+    save(model, Path(args.out) / "pruned.pt")
+    save(sparsify(model), Path(args.out) / "sparse.pt")
     _write_record(args.out, "prune.json", {"checkpoint": args.checkpoint, "target": args.target,
                                            "method": args.method, "stop": args.stop, "rounds": history.to_dicts(),
                                            "total_epochs": history.total_epochs})

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 
+import sparseode as so
 from sparseode import cli
 from sparseode.nn.field import SparseMLPField
 
@@ -20,19 +21,19 @@ def test_train_then_prune_then_reload(tmp_path):
     assert record["dataset"] == "gaussians" and record["history"]
     assert cli.main(["prune", "--checkpoint", str(train_dir / "model.pt"), "--target", "0.8", "--rounds", "2",
                      "--retrain-epochs", "1", "--out", str(prune_dir)]) == 0
-    pruned = torch.load(prune_dir / "pruned.pt", weights_only=False)
-    sparse = torch.load(prune_dir / "sparse.pt", weights_only=False)
-    assert any(isinstance(m, SparseMLPField) for m in sparse.modules()) or all(
-        not isinstance(m, torch.nn.Linear) or not hasattr(m, "weight_mask") for m in sparse.modules())
+    # every checkpoint is a sparseode.save file: tensors and plain containers, no pickled code
+    for path in (train_dir / "model.pt", prune_dir / "pruned.pt", prune_dir / "sparse.pt"):
+        assert torch.load(path, weights_only=True)["sparseode_checkpoint"] == 1, path
+    trained, pruned, sparse = (so.load(p) for p in (train_dir / "model.pt", prune_dir / "pruned.pt",
+                                                    prune_dir / "sparse.pt"))
+    assert any(isinstance(m, SparseMLPField) for m in sparse.modules())
+    assert float(so.prune.sparsity(pruned)) == pytest.approx(0.8, abs=0.01)
+    assert not any(hasattr(m, "weight_mask") for m in trained.modules())
     x = torch.randn(64, 2)
     with torch.no_grad():
         torch.testing.assert_close(sparse.log_prob(x), pruned.log_prob(x), atol=1e-4, rtol=1e-4)
     rounds = json.loads((prune_dir / "prune.json").read_text())["rounds"]
     assert len(rounds) == 2 and abs(rounds[-1]["sparsity"] - 0.8) < 0.01
-    # the plain state dict reloads into the model class
-    state = torch.load(train_dir / "state_dict.pt")
-    model = torch.load(train_dir / "model.pt", weights_only=False)
-    model.load_state_dict(state)
 
 
 def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
@@ -45,6 +46,14 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
     for name in ("demo.json", "dense.pt", "pruned_90.pt", "pruned_98.pt", "sparse_98.pt", "flow_dense.png",
                  "flow_98.png", "nll_vs_sparsity.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    sparse = so.load(tmp_path / "sparse_98.pt")  # sparseode.save files, no pickled model
+    pruned = so.load(tmp_path / "pruned_98.pt")
+    assert isinstance(sparse.field, SparseMLPField) and sparse.field.time is None
+    assert float(so.prune.sparsity(pruned)) == pytest.approx(0.98, abs=0.01)
+    x = torch.randn(32, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.log_prob(x), pruned.log_prob(x), atol=1e-4, rtol=1e-4)
+    assert not any(hasattr(m, "weight_mask") for m in so.load(tmp_path / "dense.pt").modules())
 
 
 def test_bench_command_writes_rows(tmp_path):
