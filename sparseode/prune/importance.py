@@ -29,6 +29,12 @@ grasp          ``θ ⊙ Hg``                 the negative of GraSP's score ``-θ
                                           exactly the weights GraSP removes (highest ``-θ⊙Hg``)
 grasp_abs      ``|θ ⊙ Hg|``               gradient-norm preservation (the variant recommended
                                           by Lubana & Dick 2021 over GraSP)
+lamp           ``θ_u² / Σ_{v: θ_v² ≥ θ_u²} θ_v²``
+                                          layer-adaptive magnitude (LAMP, Lee et al. 2021):
+                                          the sum runs over the entries of the same tensor at
+                                          least as large; one global threshold then prunes
+                                          every layer by its own distribution of magnitudes
+                                          and never empties a layer
 random         ``U(0, 1)``                baseline
 =============  =========================  ==================================================
 
@@ -50,7 +56,8 @@ from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import effective, logical_names
 from sparseode.prune.args import integer
 
-__all__ = ["importance", "Measure", "MEASURES", "register_measure", "trainable_parameters", "batches_of"]
+__all__ = ["importance", "Measure", "MEASURES", "register_measure", "trainable_parameters", "batches_of",
+           "lamp_scores"]
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, str, nn.Parameter, torch.Tensor]]:
@@ -218,6 +225,25 @@ def _magnitude(model, loss_fn, batches, params, thetas, gen):
     return [t.abs() for t in thetas]
 
 
+def lamp_scores(theta: torch.Tensor) -> torch.Tensor:
+    """LAMP scores of one tensor (Lee et al. 2021), its shape and dtype: each entry's ``θ_u²``
+    over the sum of ``θ_v²`` of the entries at least as large (itself included). The largest entry
+    scores 1, so every layer keeps its best weight under one global threshold; equal magnitudes
+    score alike; an all-zero tensor scores 0."""
+    w2 = theta.detach().to(torch.float64).reshape(-1) ** 2
+    ascending, order = torch.sort(w2)
+    suffix = ascending.flip(0).cumsum(0).flip(0)  # Σ of the entries from this rank up
+    first = torch.searchsorted(ascending, ascending, side="left")  # ties: from the first equal one
+    ranked = ascending / suffix[first].clamp_min(torch.finfo(torch.float64).tiny)  # 0/0 -> 0
+    out = torch.empty_like(w2)
+    out[order] = ranked
+    return out.reshape(theta.shape).to(theta.dtype)
+
+
+def _lamp(model, loss_fn, batches, params, thetas, gen):
+    return [lamp_scores(t) for t in thetas]
+
+
 def _random(model, loss_fn, batches, params, thetas, gen):
     return [torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t) for t in thetas]
 
@@ -247,6 +273,7 @@ for _m in (
     _Fn("taylor", True, _taylor),
     _Fn("grasp", True, _grasp),
     _Fn("grasp_abs", True, _grasp_abs),
+    _Fn("lamp", False, _lamp),
     _Fn("random", False, _random),
 ):
     register_measure(_m)
@@ -267,7 +294,8 @@ def importance(
         model: any ``nn.Module`` (a ``sparseode.models`` neural ODE, CNF or classifier, or a
             plain MLP); may already be pruned (masks in the ``torch.nn.utils.prune`` layout).
         method: a key of :data:`MEASURES`: ``"magnitude"``, ``"snip"``, ``"taylor"``,
-            ``"grasp"``, ``"grasp_abs"``, ``"random"`` (formulas in the module docstring).
+            ``"grasp"``, ``"grasp_abs"``, ``"lamp"``, ``"random"`` (formulas in the module
+            docstring).
         loss_fn: ``loss_fn(model, batch) -> scalar`` (batch a tuple); default
             ``sparseode.losses.default_loss(model)`` (NLL for a CNF, cross-entropy for a
             classifier, through the ODE solve). Unused by data-free methods.

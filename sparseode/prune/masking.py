@@ -17,14 +17,14 @@ How weight entries group into units is a granularity (:mod:`sparseode.prune.gran
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
 from sparseode import pruned
-from sparseode.prune.args import block_shape, check_sparsity
+from sparseode.prune.args import block_shape, check_sparsity, fraction
 from sparseode.prune.granularity import GRANULARITIES, Granularity
 from sparseode.prune.importance import importance
 from sparseode.prune.layers import FilterFn, neuron_chains, prunable_layers
@@ -32,6 +32,8 @@ from sparseode.prune.layers import FilterFn, neuron_chains, prunable_layers
 __all__ = ["apply", "remove", "SCOPES"]
 
 SCOPES = ("global", "layer")
+MinDensity = Union[float, Mapping[str, float]]
+KeepDense = Union[Sequence[str], FilterFn]
 
 
 def _set_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
@@ -97,6 +99,72 @@ def _check_choice(granularity: str, scope: str | None) -> tuple[Granularity, str
     return GRANULARITIES[granularity], scope
 
 
+def _dense_names(layers: Mapping[str, nn.Module], keep_dense: KeepDense | None) -> set[str]:
+    """Names of the prunable layers ``keep_dense`` selects (a list of names or a filter)."""
+    if keep_dense is None:
+        return set()
+    if callable(keep_dense):
+        return {n for n, m in layers.items() if keep_dense(n, m)}
+    if isinstance(keep_dense, str):
+        raise TypeError(f"keep_dense must be a list of layer names or a filter, got the string "
+                        f"{keep_dense!r}; write [{keep_dense!r}] for one layer")
+    names = set(keep_dense)
+    unknown = sorted(names - set(layers))
+    if unknown:
+        raise ValueError(f"keep_dense names {unknown}, which are not prunable layers of the model "
+                         f"(prunable, after filter_fn: {list(layers)})")
+    return names
+
+
+def _floors(
+    layers: Mapping[str, nn.Module], min_density: MinDensity | None, dense: set[str]
+) -> dict[str, float]:
+    """The least share of its units every prunable layer keeps: ``min_density``, 1 if kept dense."""
+    if isinstance(min_density, Mapping):
+        unknown = sorted(set(min_density) - set(layers))
+        if unknown:
+            raise ValueError(f"min_density names {unknown}, which are not prunable layers of the "
+                             f"model (prunable, after filter_fn: {list(layers)})")
+        floors = dict.fromkeys(layers, 0.0)
+        floors.update({n: fraction(d, f"min_density[{n!r}]") for n, d in min_density.items()})
+    else:
+        d = 0.0 if min_density is None else fraction(min_density, "min_density")
+        floors = dict.fromkeys(layers, d)
+    floors.update(dict.fromkeys(dense, 1.0))
+    return floors
+
+
+def _protect(u: torch.Tensor, pr: torch.Tensor, floor: float) -> tuple[torch.Tensor, int]:
+    """Unit scores (float64, CPU) with the ``ceil(floor·U)`` best still-kept units set to +inf
+    (never removed), and how many were protected (fewer when fewer are left: no unit revives)."""
+    s = u.detach().to(torch.float64).cpu().clone()
+    pr = pr.cpu()
+    need = min(math.ceil(floor * s.numel() - 1e-9), int((~pr).sum()))
+    if need > 0:
+        # the units _select_lowest would remove last: highest scores, later position on ties
+        order = torch.sort(torch.where(pr, -math.inf, s), stable=True).indices
+        s[order[-need:]] = math.inf
+    return s, need
+
+
+def _keep_vectors(units: list[tuple], s: float, scope: str, floors: Mapping[str, float]) -> list[torch.Tensor]:
+    """Per layer, which units stay (bool), for ``units = [(name, layer, scores, pruned)]``."""
+    protected = [_protect(u, p, floors[name]) for name, _, u, p in units]
+    pruned_units = [p.cpu() for _, _, _, p in units]
+    if scope == "layer":
+        return [_select_lowest(ps, p, min(round(s * ps.numel()), ps.numel() - need))
+                for (ps, need), p in zip(protected, pruned_units)]
+    total = sum(ps.numel() for ps, _ in protected)
+    kept = sum(need for _, need in protected)
+    k = round(s * total)
+    if k > total - kept:
+        raise ValueError(
+            f"sparsity={s} removes {k} of {total} units, but min_density/keep_dense keep {kept} of "
+            f"them: at most sparsity {(total - kept) / total:.4f} is reachable with these floors")
+    keep = _select_lowest(torch.cat([ps for ps, _ in protected]), torch.cat(pruned_units), k)
+    return list(torch.split(keep, [ps.numel() for ps, _ in protected]))
+
+
 def apply(
     model: nn.Module,
     scores: Mapping[str, torch.Tensor] | str,
@@ -105,6 +173,9 @@ def apply(
     block: int | Sequence[int] = (16, 16),
     scope: str | None = None,
     filter_fn: FilterFn | None = None,
+    *,
+    min_density: MinDensity | None = None,
+    keep_dense: KeepDense | None = None,
 ) -> nn.Module:
     """Prune the lowest-scoring units of ``model``'s linear layers to ``sparsity``; in place.
 
@@ -112,7 +183,7 @@ def apply(
         model: any ``nn.Module``; its ``nn.Linear`` weights (selected by ``filter_fn``) are pruned.
         scores: ``{"<layer>.weight": (out, in) tensor}`` (higher = keep), e.g. from
             :func:`sparseode.prune.importance`; a method name computes data-free scores
-            (``"magnitude"``, ``"random"``).
+            (``"magnitude"``, ``"lamp"``, ``"random"``).
         sparsity: real number in ``[0, 1)``, the fraction of units removed: with
             ``scope="global"``, ``k = round(sparsity · U_total)`` units over all prunable layers
             (one threshold); with ``scope="layer"``, ``round(sparsity · U_layer)`` in every layer.
@@ -124,26 +195,39 @@ def apply(
         scope: ``"global"`` or ``"layer"``; default ``"global"`` (``"layer"`` for ``"neuron"``,
             which only exists per layer).
         filter_fn: ``filter_fn(name, module) -> bool`` selects prunable layers (default: all).
+        min_density: the least share of its units every layer keeps (a number in ``[0, 1]``), or
+            ``{layer name: share}`` for some layers: each keeps its ``ceil(share · U_layer)``
+            best-scoring units. With ``scope="global"`` the other layers give up more units so the
+            total still reaches ``sparsity`` (``ValueError`` when the floors make that impossible);
+            with ``scope="layer"`` a layer stops at its floor.
+        keep_dense: layers not pruned (names, or a filter ``keep_dense(name, module) -> bool``):
+            they get no mask, and count in the total of ``scope="global"`` (the other layers are
+            pruned more so that all prunable layers together reach ``sparsity``).
 
     Masks compose: units already pruned (mask zero over the whole unit) are counted first and
     never revived, so pruning again only removes more, and a ``sparsity`` below the current one
     leaves the model as it is. Ties are broken by position (stable sort): deterministic.
 
     Returns:
-        ``model``, with ``weight_orig``/``weight_mask``/pre-hook on every prunable layer.
+        ``model``, with ``weight_orig``/``weight_mask``/pre-hook on every prunable layer not kept
+        dense.
     """
     gran, scope = _check_choice(granularity, scope)
     s = check_sparsity(sparsity)
     blk = block_shape(block)
-    if isinstance(scores, str):
-        scores = importance(model, scores)
-
     layers = prunable_layers(model, filter_fn)
     if not layers:
         raise ValueError("model has no prunable nn.Linear layer (after filter_fn)")
+    dense = _dense_names(layers, keep_dense)
+    floors = _floors(layers, min_density, dense)
     for name, layer in layers.items():
         gran.check(name, layer.weight, blk)
+    if isinstance(scores, str):
+        scores = importance(model, scores)
 
+    if granularity == "neuron" and (min_density is not None or keep_dense is not None):
+        raise ValueError("min_density and keep_dense are not defined for granularity='neuron' "
+                         "(its chains prune every layer alike); exclude layers with filter_fn")
     if granularity == "neuron":
         _apply_neuron(model, layers, scores, s, gran, blk)
         return model
@@ -151,18 +235,13 @@ def apply(
     units = []  # (name, layer, unit scores, already pruned)
     for name, layer in layers.items():
         w = pruned.effective(layer)
-        u, pr = gran.unit_scores(_layer_scores(scores, name, w), pruned.mask_or_ones(layer), blk)
+        sc = torch.zeros_like(w) if name in dense else _layer_scores(scores, name, w)
+        u, pr = gran.unit_scores(sc, pruned.mask_or_ones(layer), blk)
         units.append((name, layer, u, pr))
 
-    if scope == "global":
-        all_s = torch.cat([u.to(torch.float64).cpu() for _, _, u, _ in units])
-        all_p = torch.cat([p.cpu() for _, _, _, p in units])
-        keep = _select_lowest(all_s, all_p, round(s * all_s.numel()))
-        keeps = torch.split(keep, [u.numel() for _, _, u, _ in units])
-    else:
-        keeps = [_select_lowest(u.cpu(), p.cpu(), round(s * u.numel())) for _, _, u, p in units]
-
-    for (name, layer, _, _), kp in zip(units, keeps):
+    for (name, layer, _, _), kp in zip(units, _keep_vectors(units, s, scope, floors)):
+        if name in dense:
+            continue  # nothing new is removed there, and an unpruned layer stays without a mask
         w = pruned.effective(layer)
         _set_mask(layer, "weight", gran.expand(kp, w.shape, blk).to(w.dtype))
     return model
