@@ -31,7 +31,7 @@ from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear, MLPV
 from sparseode.nn.autoformat import bsr_storage, choose_format, tiles
 from sparseode.nn.field import FoldedConcatLinear, SparseMLPField
 from sparseode.nn.sparse_linear import SparseLinear, pruning_mask
-from sparseode.ops.handlers import FORMATS
+from sparseode.ops.layout import FORMATS
 
 SPARSIFY_FORMATS = ("auto",) + FORMATS
 #: What a layer may become in a plan: a sparse format, or "dense" (left an ``nn.Linear``).
