@@ -11,8 +11,8 @@ What runs where:
 * every rank trains on its shard of each global batch (:func:`shard`) and DDP all-reduces the
   gradients of every trainable parameter (dense weights, ``weight_orig`` of a masked layer,
   ``values`` of a ``SparseLinear``);
-* pruning decisions (masks, ``sparsify(format="auto")``'s formats) are taken on rank 0 and
-  broadcast (:func:`broadcast_masks`, :func:`broadcast_object`), then checked
+* pruning decisions (masks, ``sparsify(format="auto")``'s formats: :func:`sparsify`) are taken
+  on rank 0 and broadcast (:func:`broadcast_masks`, :func:`broadcast_object`), then checked
   (:func:`check_same_masks`);
 * data-driven importance scores are summed over the ranks' probe shards inside
   :func:`collective` (:func:`mean_over_ranks`), so they equal the single-process scores over the
@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 __all__ = [
     "init", "is_distributed", "rank", "world_size", "is_main", "backend_for", "shard", "check_divides",
     "model_fingerprint", "check_same", "check_same_model", "broadcast_object", "broadcast_masks", "check_same_masks",
-    "collective", "mean_over_ranks", "sum_over_ranks", "any_rank", "barrier",
+    "collective", "mean_over_ranks", "sum_over_ranks", "any_rank", "barrier", "sparsify",
 ]
 
 
@@ -168,14 +169,14 @@ def broadcast_masks(model: nn.Module) -> None:
 
 
 def _pattern_digest(model: nn.Module) -> str:
-    from sparseode.nn.sparse_linear import SparseLinear
-
+    # a model can hold a SparseLinear only once its module is imported: do not import the kernels here
+    sparse_linear = sys.modules.get("sparseode.nn.sparse_linear")
     h = hashlib.sha256()
     for name, buf in _mask_buffers(model):
         h.update(name.encode())
         h.update(buf.detach().to("cpu", torch.bool).contiguous().numpy().tobytes())
     for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinear):
+        if sparse_linear is not None and isinstance(mod, sparse_linear.SparseLinear):
             h.update(f"{name}:{type(mod.weight).__name__}".encode())
             for bname, b in mod.named_buffers():
                 h.update(bname.encode())
@@ -246,3 +247,22 @@ def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if is_distributed():
         dist.barrier()
+
+
+def sparsify(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """``sparseode.sparsify(model, **kwargs)`` that builds the same model on every rank: the
+    per-layer formats (``format="auto"`` times the layers, so ranks and thread counts differ)
+    are planned on rank 0 (:func:`sparseode.nn.convert.plan_formats`), broadcast, and every rank
+    converts with them; the resulting patterns are checked equal."""
+    from sparseode.nn.convert import plan_formats
+    from sparseode.nn.convert import sparsify as convert
+
+    if not is_distributed():
+        return convert(model, **kwargs)
+    if kwargs.get("formats") is not None:
+        raise TypeError("distributed.sparsify plans the formats itself; call sparseode.sparsify with formats=")
+    plan_kw = {k: v for k, v in kwargs.items() if k not in ("inplace", "formats")}
+    formats = broadcast_object(plan_formats(model, **plan_kw) if is_main() else None)
+    out = convert(model, formats=formats, **kwargs)
+    check_same_masks(out, "after sparsify")
+    return out

@@ -25,6 +25,7 @@ from sparseode.prune.rewind import snapshot_weights
 
 STATE_FILE = "cascade.json"
 REWIND_FILE = "rewind.pt"
+AT_TARGET = 0.005  # a model this close below a sparsity is at it (per-layer rounding of apply)
 
 
 def default_schedule(target: float = 0.98) -> list[float]:
@@ -83,17 +84,18 @@ class Plan:
             self.keep = _check_schedule(schedule)
 
     def skip_pruned(self, current: float) -> None:
-        """Drop the rounds that would prune nothing (sparsity at or below ``current``), saying so;
-        the last round stays (the final retraining)."""
+        """Drop the rounds that would prune nothing (sparsity at most ``current + 0.005``), saying
+        so; the last round stays (the final retraining)."""
         if current <= 1e-12:
             return
-        if current >= self.target - 1e-9:
+        at_target = current >= self.target - AT_TARGET
+        if at_target:
             warnings.warn(f"iterative: the model is already at sparsity {current:.4f}, at or past target="
                           f"{self.target}: no round prunes anything; only the final retraining runs", stacklevel=3)
         if self.adaptive:
             return
-        kept = [kr for kr in self.keep[:-1] if 1.0 - kr > current + 1e-9] + self.keep[-1:]
-        if len(kept) < len(self.keep) and current < self.target - 1e-9:
+        kept = [kr for kr in self.keep[:-1] if 1.0 - kr > current + AT_TARGET] + self.keep[-1:]
+        if len(kept) < len(self.keep) and not at_target:
             warnings.warn(f"iterative: the model is already at sparsity {current:.4f}: "
                           f"{len(self.keep) - len(kept)} of {len(self.keep)} scheduled rounds would prune "
                           "nothing and are skipped", stacklevel=3)

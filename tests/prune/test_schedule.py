@@ -195,3 +195,80 @@ def test_iterative_rewind_bad_input():
     for bad in ("start", -1, True, 1.5):
         with pytest.raises(ValueError, match="rewind"):
             so.prune.iterative(model, StubFit(), target=0.5, rounds=2, rewind=bad, progress=False)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _ShiftFitThatDies(_ShiftFit):
+    """_ShiftFit that raises in its ``die_at``-th call (a killed job)."""
+
+    def __init__(self, die_at=None):
+        super().__init__(n=3)
+        self.die_at, self.calls = die_at, 0
+
+    def __call__(self, model, callbacks=()):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise _Killed
+        return super().__call__(model, callbacks)
+
+
+@pytest.mark.parametrize("rewind", [None, "init", 1])
+def test_iterative_resumes_a_killed_run_from_its_last_round(tmp_path, rewind):
+    def run(fit, resume=False, ckpt=tmp_path / "ckpt"):
+        torch.manual_seed(0)
+        model = mlp((3, 8, 8, 2))
+        hist = so.prune.iterative(model, fit, target=0.8, rounds=4, checkpoint_dir=ckpt, resume=resume,
+                                  rewind=rewind, progress=False)
+        return model, hist
+
+    whole, whole_hist = run(_ShiftFitThatDies(), ckpt=tmp_path / "whole")
+    with pytest.raises(_Killed):
+        run(_ShiftFitThatDies(die_at=3))  # dies in round 2, rounds 0 and 1 are on disk
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("round_*.pt")) == ["round_00.pt", "round_01.pt"]
+    fit = _ShiftFitThatDies()
+    resumed, hist = run(fit, resume=True)
+    assert fit.calls == 2  # only rounds 2 and 3 ran again
+    assert [r.round for r in hist.rounds] == [0, 1, 2, 3] and len(hist.checkpoints) == 2
+    assert [r.sparsity for r in hist.rounds] == [r.sparsity for r in whole_hist.rounds]
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-12, msg=k)
+    # a finished run resumes to nothing new; another run's folder is refused
+    fit = _ShiftFitThatDies()
+    _, again = run(fit, resume=True)
+    assert fit.calls == 0 and len(again) == 4
+    with pytest.raises(ValueError, match="target"):
+        so.prune.iterative(mlp((3, 8, 8, 2)), StubFit(), target=0.5, rounds=4, checkpoint_dir=tmp_path / "ckpt",
+                           resume=True, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        so.prune.iterative(mlp(), StubFit(), target=0.5, resume=True, progress=False)
+
+
+def test_iterative_says_when_the_model_is_already_at_the_target():
+    model = mlp((3, 16, 16, 2))
+    so.prune.apply(model, so.prune.importance(model), 0.9)
+    fit = StubFit()
+    with pytest.warns(UserWarning, match=r"already at sparsity 0.89\d\d, at or past target=0.9"):
+        hist = so.prune.iterative(model, fit, target=0.9, progress=False)
+    assert len(hist) == 1 and hist[0].final and len(fit.calls) == 1  # the final retraining only
+    # half-way there: the rounds that would prune nothing are skipped, with a warning
+    model = mlp((3, 16, 16, 2))
+    so.prune.apply(model, so.prune.importance(model), 0.5)
+    with pytest.warns(UserWarning, match=r"already at sparsity 0.5000: 3 of 5 scheduled rounds"):
+        hist = so.prune.iterative(model, StubFit(), target=0.9, schedule=[0.8, 0.6, 0.5, 0.3, 0.1],
+                                  progress=False)
+    assert [r.target_sparsity for r in hist.rounds] == pytest.approx([0.7, 0.9])
+
+
+def test_history_without_validation_shows_a_dash_not_nan():
+    class NoVal:
+        steps, epochs_run = 5, 1
+
+    hist = so.prune.iterative(mlp((3, 16, 16, 2)), lambda m, callbacks=(): NoVal(), target=0.5, rounds=2,
+                              progress=False)
+    table = hist.table()
+    assert "nan" not in table.lower() and "no validation metric" in table
+    assert all(d["val_metric"] is None for d in hist.to_dicts())
+    assert so.prune.PruneHistory.from_dicts(hist.to_dicts()).to_dicts() == hist.to_dicts()
