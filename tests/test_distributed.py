@@ -116,6 +116,17 @@ def rank0_outputs(out: str) -> dict:
     return {"saves": counter.n, "stderr": err.getvalue(), "masks": r["masks"]}
 
 
+def icp_rounds() -> dict:
+    """3 rounds with the ICP rule checking every step: the ranks stop each round together."""
+    model = tiny_cnf()
+    x = data()
+    stop = so.prune.ICP(probe=[(x[:20],)], check_every=1, min_steps=1, eps_grad=10.0, eps_info=10.0)
+    fit_fn = functools.partial(fit, data=x, epochs=2, lr=1e-2, batch_size=BATCH, progress=False)
+    hist = so.prune.iterative(model, fit_fn, target=0.75, rounds=3, stop=stop, progress=False)
+    return {"masks": masks_of(model), "steps": [r["steps"] for r in hist.to_dicts()],
+            "reasons": [r["stop_reason"] for r in hist.to_dicts()]}
+
+
 def resume_after_kill(out: str) -> dict:
     ckpt = str(Path(out) / "ckpt-killed")
     try:
@@ -161,6 +172,7 @@ SCENARIOS = {
     "fit_sparse": lambda out, ref: fit_epoch("sparse"),
     "iterative": lambda out, ref: run_iterative(None),
     "rank0_outputs": lambda out, ref: rank0_outputs(out),
+    "icp": lambda out, ref: icp_rounds(),
     "resume_after_kill": lambda out, ref: resume_after_kill(out),
     "resume_single": lambda out, ref: resume_single_process_run(ref),
     "bad_batch": lambda out, ref: bad_batch(),
@@ -252,6 +264,15 @@ def test_three_rounds_of_iterative_on_two_ranks_end_with_the_masks_of_one_proces
             assert torch.equal(r["masks"][k], m), k
         assert_states_close(r["state"], single["state"], "after 3 rounds")
     assert single["sparsity"][-1] == pytest.approx(0.75, abs=0.02)
+
+
+def test_icp_rounds_stop_at_the_same_step_on_every_rank_as_in_one_process(ranks):
+    single = icp_rounds()
+    assert single["reasons"][:2] != ["budget", "budget"]  # the rule did end rounds early
+    for r in ok(ranks, "icp"):
+        assert r["steps"] == single["steps"] and r["reasons"] == single["reasons"]
+        for k, m in single["masks"].items():
+            assert torch.equal(r["masks"][k], m), k
 
 
 def test_only_rank_0_shows_progress_and_writes_checkpoints(ranks):

@@ -89,13 +89,13 @@ class Plan:
         if current <= 1e-12:
             return
         at_target = current >= self.target - AT_TARGET
-        if at_target:
+        if at_target and distributed.is_main():
             warnings.warn(f"iterative: the model is already at sparsity {current:.4f}, at or past target="
                           f"{self.target}: no round prunes anything; only the final retraining runs", stacklevel=3)
         if self.adaptive:
             return
         kept = [kr for kr in self.keep[:-1] if 1.0 - kr > current + AT_TARGET] + self.keep[-1:]
-        if len(kept) < len(self.keep) and not at_target:
+        if len(kept) < len(self.keep) and not at_target and distributed.is_main():
             warnings.warn(f"iterative: the model is already at sparsity {current:.4f}: "
                           f"{len(self.keep) - len(kept)} of {len(self.keep)} scheduled rounds would prune "
                           "nothing and are skipped", stacklevel=3)
