@@ -131,8 +131,9 @@ class _Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device] if self.device is not None and self.device.type == "cuda" else None
-            # masks are buffers set by pruning on rank 0 and broadcast then, not at every step
-            module = DDP(module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
+            # masks are buffers set by pruning on rank 0 and broadcast then, not at every step; every
+            # trainable parameter (weight_orig of a masked layer, SparseLinear values) is in the loss
+            module = DDP(module, device_ids=ids, broadcast_buffers=False)
         self.loss_module = module
         self.world = distributed.world_size()
 
@@ -278,7 +279,8 @@ def fit(
         val_data: evaluated after every epoch; its metric (flows: NLL; classifiers: cross-entropy;
             custom ``loss_fn``: that loss; lower is better) selects the best model.
         callbacks: ``cb(FitState) -> bool | None`` after every optimiser step; True stops at once
-            (under DDP: on every rank, when it says so on any).
+            (under DDP: on every rank, when it says so on any; there a callback must not change
+            the model's parameters, e.g. prune: prune between ``fit`` calls, as ``iterative`` does).
         seed: seeds the shuffling and, inside a forked RNG, torch's global RNG (Hutchinson
             probes, base draws), so the same seed and initial model give the same run.
         progress: show a tqdm bar with epoch, loss and NFE (rank 0 only).
