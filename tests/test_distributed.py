@@ -74,6 +74,27 @@ def fit_epoch(kind: str) -> dict:
     return {"state": state_of(model), "loss": res.history[0]["loss"], "steps": res.steps}
 
 
+def batch_list() -> list[torch.Tensor]:
+    x = data()
+    return [x[i:i + BATCH] for i in range(0, N, BATCH)]
+
+
+def fit_loader(kind: str) -> dict:
+    """One epoch over a re-iterable of batches: a list (each batch split over the ranks) or, under
+    DDP, a DataLoader whose DistributedSampler hands every rank its own rows."""
+    model = tiny_cnf()
+    if kind == "sampler":
+        from torch.utils.data import DataLoader, TensorDataset
+        from torch.utils.data.distributed import DistributedSampler
+
+        ds = TensorDataset(data())
+        loader = DataLoader(ds, batch_size=BATCH // WORLD, sampler=DistributedSampler(ds, shuffle=False))
+    else:
+        loader = batch_list()
+    res = fit(model, loader, epochs=1, lr=1e-2, progress=False)
+    return {"state": state_of(model), "steps": res.steps}
+
+
 def retrain(model, callbacks=(), fail_at=None, calls=None):
     if calls is not None:
         calls.append(1)
@@ -170,6 +191,8 @@ SCENARIOS = {
     "fit_dense": lambda out, ref: fit_epoch("dense"),
     "fit_masked": lambda out, ref: fit_epoch("masked"),
     "fit_sparse": lambda out, ref: fit_epoch("sparse"),
+    "fit_list": lambda out, ref: fit_loader("list"),
+    "fit_sampler": lambda out, ref: fit_loader("sampler"),
     "iterative": lambda out, ref: run_iterative(None),
     "rank0_outputs": lambda out, ref: rank0_outputs(out),
     "icp": lambda out, ref: icp_rounds(),
@@ -253,6 +276,14 @@ def test_one_epoch_on_two_ranks_equals_one_process_with_the_global_batch(ranks, 
         assert torch.equal(on_ranks[0]["state"][k], on_ranks[1]["state"][k])
     init = MODELS[kind]().state_dict()  # and training moved the weights
     assert any(not torch.equal(init[k], single["state"][k]) for k in init)
+
+
+@pytest.mark.parametrize("kind", ["list", "sampler"])
+def test_batches_from_an_iterable_or_a_distributed_sampler_match_one_process(ranks, kind):
+    single = fit_loader("list")
+    for r in ok(ranks, f"fit_{kind}"):
+        assert r["steps"] == single["steps"] == 3
+        assert_states_close(r["state"], single["state"], kind)
 
 
 def test_three_rounds_of_iterative_on_two_ranks_end_with_the_masks_of_one_process(ranks):
