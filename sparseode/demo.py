@@ -115,7 +115,7 @@ def run_demo(dataset: str = "gaussians", out: str | Path = "runs/demo", *, hidde
         params = _nonzero(fresh)
         masked = _cnf(fresh, 1e-5, inference_trace="autograd")  # what users run today
         if sparsity:
-            save(masked, out / f"pruned_{round(sparsity * 100)}.pt")
+            save(_cnf(fresh, 1e-5), out / f"pruned_{round(sparsity * 100)}.pt")  # default inference trace
         t_dense, nfe_dense = _solve_time(masked, x_time, repeats=2)
         sparse_cnf = _cnf(sparsify(fresh) if sparsity else fresh, 1e-5)
         t_sparse, nfe_sparse = _solve_time(sparse_cnf, x_time, repeats=2)
