@@ -258,7 +258,8 @@ def plan_formats(model: nn.Module, format: str = "auto", backend: str = "auto", 
     formats=plan_formats(model))`` on every process, with one process's plan, builds one model.
     """
     conv = _converter(format, backend, block, filter_fn, max_density, batch_hint, None)
-    return {site.name: conv.decide(site).format for site in conv.sites(nn.ModuleList([model]))}
+    with torch.random.fork_rng(devices=[]):  # timing draws random inputs
+        return {site.name: conv.decide(site).format for site in conv.sites(nn.ModuleList([model]))}
 
 
 def _to_linear(layer: SparseLinear) -> nn.Module:
