@@ -56,6 +56,15 @@ def _write_record(out: str, name: str, record: dict) -> None:
     (Path(out) / name).write_text(json.dumps(record, indent=1, default=float))
 
 
+def _start_ranks() -> bool:
+    """Join torchrun's process group when launched by it (gloo: these models run on the CPU);
+    True on the process that writes files and prints (rank 0, or the only one)."""
+    from sparseode import distributed
+
+    distributed.init("cpu")
+    return distributed.is_main()
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["cnf", "classifier"], default="cnf", help="what to train")
     p.add_argument("--dataset", default="gaussians", help="toy density (cnf) or classification set (classifier)")
@@ -63,7 +72,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=512, help="minibatch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the shuffling")
     p.add_argument("--out", default="runs/train", help="folder for model.pt (sparseode.save) and train.json")
 
 
@@ -73,9 +82,13 @@ def _train(args: argparse.Namespace) -> int:
     from sparseode.checkpoint import save
     from sparseode.train import fit
 
+    main = _start_ranks()
+    torch.manual_seed(args.seed)  # the same initial model on every rank (and in every run)
     model, train, val = _model_for(args.model, args.dataset, args.hidden)
     result = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_data=val,
                  seed=args.seed)
+    if not main:
+        return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     save(model, Path(args.out) / "model.pt")
     _write_record(args.out, "train.json", {"model": args.model, "dataset": args.dataset, "hidden": args.hidden,
@@ -95,6 +108,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", choices=["none", "icp"], default="none", help="ICP early stopping of intermediate rounds")
     p.add_argument("--retrain-epochs", type=int, default=3, help="retraining epochs per round")
     p.add_argument("--out", default="runs/prune", help="folder for pruned.pt, sparse.pt (sparseode.save), prune.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run from its last round saved in OUT/rounds")
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -107,6 +122,7 @@ def _prune(args: argparse.Namespace) -> int:
     from sparseode.nn.convert import sparsify
     from sparseode.train import fit
 
+    main = _start_ranks()
     model = load(args.checkpoint)
     meta_path = Path(args.checkpoint).with_name("train.json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -119,8 +135,13 @@ def _prune(args: argparse.Namespace) -> int:
     if args.stop == "icp":
         probe = [(val[:512],)] if isinstance(val, torch.Tensor) else [(val[0][:512], val[1][:512])]
         stop = prune.ICP(probe=probe)
+    tensors = (train,) if isinstance(train, torch.Tensor) else tuple(train)
+    scoring = [tuple(t[i:i + 512] for t in tensors) for i in range(0, 4 * 512, 512)]  # data-driven measures
     history = prune.iterative(model, fit=retrain, target=args.target, rounds=args.rounds, method=args.method,
-                              granularity=args.granularity, stop=stop)
+                              granularity=args.granularity, stop=stop, data=scoring, n_batches=len(scoring),
+                              checkpoint_dir=Path(args.out) / "rounds", resume=args.resume)
+    if not main:
+        return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     save(model, Path(args.out) / "pruned.pt")
     save(sparsify(model), Path(args.out) / "sparse.pt")
@@ -175,8 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sparseode import distributed
+
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    try:
+        return COMMANDS[args.command][2](args)
+    finally:
+        distributed.shutdown()  # the process group train/prune joined under torchrun
 
 
 if __name__ == "__main__":
