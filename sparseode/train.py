@@ -118,6 +118,16 @@ def _rank_seed(seed: int) -> int:
     return seed if r == 0 else (seed * 1_000_003 + r) % (2 ** 63)
 
 
+def _no_step_buffer_sync() -> dict[str, bool]:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # torch >= 2.13 names it forward_sync_buffers (broadcast_buffers is deprecated)
+    new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
+
+
 class _Trainer:
     """One ``fit`` call's optimiser, loss and bookkeeping (the loop lives in :func:`fit`)."""
 
@@ -131,9 +141,10 @@ class _Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device] if self.device is not None and self.device.type == "cuda" else None
-            # masks are buffers set by pruning on rank 0 and broadcast then, not at every step; every
-            # trainable parameter (weight_orig of a masked layer, SparseLinear values) is in the loss
-            module = DDP(module, device_ids=ids, broadcast_buffers=False)
+            # masks are buffers set by pruning on rank 0 and broadcast then (and by DDP at its start),
+            # not at every step; every trainable parameter (weight_orig of a masked layer,
+            # SparseLinear values) is in the loss, so no search for unused ones
+            module = DDP(module, device_ids=ids, **_no_step_buffer_sync())
         self.loss_module = module
         self.world = distributed.world_size()
 

@@ -366,3 +366,31 @@ def test_helpers_are_single_process_no_ops():
     assert distributed.model_fingerprint(tiny_cnf(0)) == distributed.model_fingerprint(tiny_cnf(0))
     assert distributed.model_fingerprint(tiny_cnf(0)) != distributed.model_fingerprint(tiny_cnf(1))
     distributed.check_divides(15)  # one process divides everything
+
+
+def test_sparseode_prune_under_torchrun_writes_its_outputs_once(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from sparseode.checkpoint import save
+    from sparseode.models import CNF as Flow
+
+    torch.manual_seed(0)
+    src = tmp_path / "train"
+    src.mkdir()
+    save(Flow(MLPVectorField(2, (8, 8), activation="tanh"), rtol=1e-3, atol=1e-3), src / "model.pt")
+    (src / "train.json").write_text(json.dumps({"model": "cnf", "dataset": "gaussians", "hidden": [8, 8]}))
+    out = tmp_path / "prune"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparseode.cli",
+           "prune", "--checkpoint", str(src / "model.pt"), "--rounds", "2", "--retrain-epochs", "1",
+           "--method", "snip", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", SPARSEODE_CACHE_DIR=str(tmp_path / "cache"))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("retraining epochs") == 1  # printed by rank 0 only
+    record = json.loads((out / "prune.json").read_text())
+    assert [r["round"] for r in record["rounds"]] == [0, 1] and record["rounds"][-1]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert sorted(p.name for p in (out / "rounds").iterdir()) == ["cascade.json", "round_00.pt", "round_01.pt"]
+    pruned = so.load(out / "pruned.pt")
+    assert so.prune.sparsity(pruned).total == record["rounds"][-1]["sparsity"]
