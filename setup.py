@@ -4,7 +4,12 @@ Environment switches:
   SPARSEODE_CUDA=0   never build the CUDA kernels (csrc/cuda), even where torch has CUDA.
   SPARSEODE_CUDA=1   always build them; it is a build error if torch has no CUDA or nvcc is missing.
   (unset)            build them when torch.version.cuda is set and CUDA_HOME points at nvcc.
-  SPARSEODE_NATIVE=0 compile the CPU kernels without -march=native (portable wheel).
+  SPARSEODE_NATIVE=0 (the default) portable CPU kernels: one extension holds a baseline x86-64
+                     (SSE2), an AVX2+FMA and an AVX-512 (F/BW/VL/DQ) variant of them, picked at run
+                     time from the CPU (csrc/cpu/dispatch.h; at run time
+                     SPARSEODE_CPU_CAPABILITY=default|avx2|avx512 asks for a narrower one).
+  SPARSEODE_NATIVE=1 one -march=native variant, for the build machine only (another CPU may die
+                     on an illegal instruction).
   DEBUG=1            -O0 -g, no fast-math, for stepping through the kernels.
 
 torch must already be installed (README: ``pip install torch==2.13.0``) and the build run with
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -58,28 +64,43 @@ def _compiler_accepts(flag: str) -> bool:
         return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-def _cpu_flags() -> list[str]:
-    if DEBUG:
-        return ["-O0", "-g", "-fopenmp", "-std=c++17"]
-    flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
-    # -march=native only when the compiler takes it; otherwise the portable baseline ISA,
-    # where the kernels' scalar loops still auto-vectorise with SSE2.
-    if os.environ.get("SPARSEODE_NATIVE", "1") == "1" and _compiler_accepts("-march=native"):
-        flags.append("-march=native")
-    return flags
+def _native() -> bool:
+    """SPARSEODE_NATIVE=1, checked: the compiler must take -march=native."""
+    if os.environ.get("SPARSEODE_NATIVE", "0") != "1":
+        return False
+    if not _compiler_accepts("-march=native"):
+        raise RuntimeError("SPARSEODE_NATIVE=1 but the C++ compiler rejects -march=native (unset SPARSEODE_NATIVE)")
+    return True
+
+
+def _cpu_flags(native: bool) -> list[str]:
+    flags = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
+    return flags + ["-fopenmp", "-std=c++17"] + (["-march=native"] if native else [])
+
+
+def _cpu_variant_sources(native: bool) -> list[str]:
+    """The kernel variants (csrc/cpu/variants): native alone, or baseline (+ AVX2, AVX-512 on x86)."""
+    if native:
+        names = ["native"]
+    elif platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        names = ["default", "avx2", "avx512"]
+    else:
+        names = ["default"]
+    return [os.path.join("csrc", "cpu", "variants", f"{name}.cpp") for name in names]
 
 
 def extensions():
+    native = _native()
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources += _cpu_variant_sources(native)
     include_dirs = [os.path.join(ROOT, "csrc")]
-    extra = {"cxx": _cpu_flags()}
+    extra = {"cxx": _cpu_flags(native)}
     ext_cls = cpp_extension.CppExtension
-    define_macros = []
+    define_macros = [("SPARSEODE_CPU_NATIVE", None)] if native else []
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extra["nvcc"] = ["-O3" if not DEBUG else "-G", "-std=c++17", "--expt-relaxed-constexpr"]
         ext_cls = cpp_extension.CUDAExtension
-        define_macros.append(("SPARSEODE_WITH_CUDA", None))
     return [
         ext_cls(
             name="sparseode._C",

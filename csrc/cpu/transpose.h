@@ -1,18 +1,14 @@
 // Cache-friendly out-of-place transposes for moving batch tiles between the batch-major layout of
 // the caller and the feature-major layout of the kernels. Full 8x8 (float) / 4x4 (double) tiles use
-// AVX shuffles where the compiler targets AVX; edges and other ISAs use the scalar loop.
+// AVX shuffles in the variants that have AVX (SPARSEODE_CPU_AVX); edges and the baseline variant use
+// the scalar loop. Part of the per-variant kernel source: see kernels.h.
 #pragma once
 
-#include <cstdint>
-#include <type_traits>
+#include "kernel_prelude.h"
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
+namespace sparseode::cpu::SPARSEODE_CPU_VARIANT {
 
-namespace sparseode::cpu {
-
-#if defined(__AVX__)
+#if SPARSEODE_CPU_AVX
 // Each tile transpose also adds (sum of the tile) * 0 into `check`, which stays 0 unless the tile
 // holds NaN or Inf (or finite values whose sum overflows: a false alarm the caller re-checks).
 inline void transpose_tile(const float* src, int64_t ld, float* dst, int64_t ld_dst, __m256& check) {
@@ -89,7 +85,7 @@ inline bool transpose_scalar_checked(const T* src, int64_t ld_src, T* dst, int64
 // NaN or Inf (never false when it does).
 template <typename T>
 inline bool transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
-#if defined(__AVX__)
+#if SPARSEODE_CPU_AVX
   constexpr int64_t t = kTile<T>;
   const int64_t rows_full = rows - rows % t, cols_full = cols - cols % t;
   typename AvxOf<T>::type check{};
@@ -106,4 +102,4 @@ inline bool transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int6
 #endif
 }
 
-}  // namespace sparseode::cpu
+}  // namespace sparseode::cpu::SPARSEODE_CPU_VARIANT

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import warnings
 
+import torch
+
 _STATE: dict[str, object] = {}
 
 
@@ -26,3 +28,15 @@ def load() -> tuple[bool, str]:
             _STATE.update(ok=False, why=why)
             warnings.warn(f"{why}; falling back to the 'torch' backend", RuntimeWarning, stacklevel=3)
     return bool(_STATE["ok"]), str(_STATE["why"])
+
+
+def cpu_capability() -> str | None:
+    """The CPU kernel variant ``sparseode._C`` runs on this machine, or None without the extension.
+
+    "default" (baseline x86-64), "avx2" or "avx512" in a portable build, picked from the CPU unless
+    the environment variable SPARSEODE_CPU_CAPABILITY asks for a narrower one; "native" in a
+    SPARSEODE_NATIVE=1 build (csrc/cpu/dispatch.h). A bad SPARSEODE_CPU_CAPABILITY raises RuntimeError.
+    """
+    if not load()[0]:
+        return None
+    return str(torch.ops.sparseode.cpu_capability())
