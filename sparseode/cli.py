@@ -14,6 +14,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"sparseode {sparseode.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}")
     for name, st in sparseode.backends().items():
         print(f"  {name:<7} {'yes' if st.available else 'no '}  {st.reason}")
+    from sparseode.ops.extension import cpu_capability
+
+    print(f"  CPU kernel variant: {cpu_capability() or 'none (sparseode._C not loaded)'}")
     return 0
 
 
