@@ -24,9 +24,13 @@ from .epilogue import store_output
 
 @triton.jit
 def block_offsets(p, r, c, offs_u, offs_v, s_p, s_r, s_c, s_u, s_v):
-    """Offsets (U, V) of the entries (offs_u, offs_v) of block p at block position (r, c); callers
-    pass p, r, c as int64 (or Python ints in the interpreter) so that the products cannot wrap."""
-    base = p * s_p + r * s_r + c * s_c
+    """int64 offsets (U, V) of the entries (offs_u, offs_v) of block p at block position (r, c).
+
+    Every index is widened to int64 before it multiplies a stride: p, r, c may be 32-bit (a loop
+    counter such as the block column of the masked walk, whose stride s_c is about N*K in the
+    transposed walk), and a product of sizes passes 2**31 on large weights.
+    """
+    base = tl.cast(p, tl.int64) * s_p + tl.cast(r, tl.int64) * s_r + tl.cast(c, tl.int64) * s_c
     return base + offs_u.to(tl.int64)[:, None] * s_u + offs_v.to(tl.int64)[None, :] * s_v
 
 

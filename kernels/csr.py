@@ -39,7 +39,7 @@ def csr_spmm_kernel(
         else:
             src = idx
         v = tl.load(v_ptr + src, mask=ok, other=0.0).to(ACC)
-        c = tl.load(col_ptr + idx, mask=ok, other=0)
+        c = tl.load(col_ptr + idx, mask=ok, other=0).to(tl.int64)  # c * B passes 2**31 on large inputs
         xg = tl.load(xT_ptr + c[None, :, :] * B + offs_b[:, None, None], mask=ok[None, :, :] & b_ok[:, None, None],
                      other=0.0).to(ACC)
         acc += tl.sum(xg * v[None, :, :], axis=2)
@@ -57,8 +57,8 @@ def csr_sddmm_kernel(
     idx = tl.program_id(0) * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
     split = tl.program_id(1)
     ok = idx < nnz
-    r = tl.load(rows_ptr + idx, mask=ok, other=0)
-    c = tl.load(col_ptr + idx, mask=ok, other=0)
+    r = tl.load(rows_ptr + idx, mask=ok, other=0).to(tl.int64)  # r * B and c * B pass 2**31 on large inputs
+    c = tl.load(col_ptr + idx, mask=ok, other=0).to(tl.int64)
     lo = split * b_chunk
     hi = tl.minimum(lo + b_chunk, B)
     acc = tl.zeros((BLOCK_NNZ,), dtype=ACC)

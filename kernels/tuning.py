@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import torch
 import triton
 
+from .grid import checked
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its interpreter (``TRITON_INTERPRET=1``)."""
@@ -65,7 +67,8 @@ def _prune_block(configs: list[triton.Config], named_args: dict[str, Any], **kwa
 class Launcher:
     """``launcher(grid, **kwargs)`` runs ``kernel[grid](**kwargs)`` with a tuned configuration.
 
-    ``grid`` is a function of the configuration's meta-parameters (a dict), as for Triton kernels.
+    ``grid`` is a function of the configuration's meta-parameters (a dict), as for Triton kernels;
+    the grid it returns is checked against CUDA's limits (grid.py) before the launch.
     """
 
     def __init__(self, name: str, kernel: Any, configs: Sequence[triton.Config], key: list[str],
@@ -80,6 +83,7 @@ class Launcher:
                                          cache_results=True)(kernel)
 
     def __call__(self, grid: Callable[[dict[str, Any]], tuple[int, ...]], **kwargs: Any) -> None:
+        grid = checked(self.name, grid)
         if self.tuned is not None:
             self.tuned[grid](**kwargs)
             return
