@@ -11,6 +11,7 @@ a ``DistributedSampler`` already yields this rank's batches and is used as it is
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Union
@@ -83,9 +84,16 @@ class Batches:
         except TypeError:
             return 0
 
-    def describe(self) -> tuple[str, int]:
-        """What ranks must agree on: the kind of data and its number of batches."""
-        return ("tensors" if self.tensors is not None else type(self.iterable).__name__), len(self)
+    def describe(self) -> tuple[str, int, str]:
+        """What ranks must agree on: the kind of data, its number of batches and, for tensors, a
+        hash of their values (every rank must hold the whole data set: it is sharded per batch)."""
+        if self.tensors is None:
+            return type(self.iterable).__name__, len(self), ""
+        h = hashlib.sha256()
+        for t in self.tensors:
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return "tensors", len(self), h.hexdigest()
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle a ``DistributedSampler`` for ``epoch``."""

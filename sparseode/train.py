@@ -107,7 +107,9 @@ def _start_ranks(model: nn.Module, batches: Batches, config: dict[str, Any]) -> 
     if not distributed.is_distributed():
         return
     distributed.check_same_model(model, "at the start of fit")
-    distributed.check_same("the fit arguments and data", {**config, "data": batches.describe()})
+    distributed.check_same("the fit arguments and data (tensor data must be the whole data set on every rank: "
+                           "fit shards each batch; per-rank data goes in a DataLoader with a DistributedSampler)",
+                           {**config, "data": batches.describe()})
     if not batches.presharded:
         distributed.check_divides(config["batch_size"])
 

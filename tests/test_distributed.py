@@ -171,6 +171,12 @@ def models_disagree() -> str:
     return "no error"
 
 
+def data_disagree() -> str:
+    x = D.toy("gaussians", N, seed=distributed.rank())  # each rank its own rows: would be halved again
+    fit(tiny_cnf(), x, epochs=1, batch_size=BATCH, progress=False)
+    return "no error"
+
+
 def auto_sparsify() -> dict:
     torch.set_num_threads(1 + distributed.rank())  # the ranks would time formats differently
     model = distributed.sparsify(masked_cnf(), format="auto", batch_hint=64)
@@ -200,6 +206,7 @@ SCENARIOS = {
     "resume_single": lambda out, ref: resume_single_process_run(ref),
     "bad_batch": lambda out, ref: bad_batch(),
     "models_disagree": lambda out, ref: models_disagree(),
+    "data_disagree": lambda out, ref: data_disagree(),
     "auto_sparsify": lambda out, ref: auto_sparsify(),
     "ddp_checkpoint": lambda out, ref: ddp_checkpoint(out),
 }
@@ -355,6 +362,12 @@ def test_ranks_that_disagree_on_the_model_fail_at_the_start(ranks):
     for e in errors(ranks, "models_disagree"):
         assert e.startswith("RuntimeError") and "ranks disagree on the model at the start of fit" in e
         assert "rank(s) [1]" in e
+
+
+def test_ranks_holding_different_tensor_data_fail_at_the_start(ranks):
+    for e in errors(ranks, "data_disagree"):
+        assert e.startswith("RuntimeError") and "ranks disagree on the fit arguments and data" in e
+        assert "DistributedSampler" in e
 
 
 def test_helpers_are_single_process_no_ops():
