@@ -112,3 +112,24 @@ def test_info_names_the_variant() -> None:
     run = _run("from sparseode.cli import main; main(['info'])", "default")
     assert run.returncode == 0, run.stderr
     assert "CPU kernel variant: default" in run.stdout, run.stdout
+
+
+def test_no_wide_code_outside_the_variants() -> None:
+    # A shared inline function compiled inside the AVX2/AVX-512 variant and kept by the linker would
+    # run on every CPU: csrc/tests/check_variant_symbols.py finds any in the built extension.
+    import importlib.util
+    import shutil
+
+    import sparseode._C
+
+    if cpu_capability() == "native":
+        pytest.skip("sparseode._C was built with SPARSEODE_NATIVE=1: any function may use the build CPU's ISA")
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    script = Path(__file__).resolve().parents[2] / "csrc" / "tests" / "check_variant_symbols.py"
+    spec = importlib.util.spec_from_file_location("check_variant_symbols", script)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    binary = sparseode._C.__file__
+    assert len(check.wide_functions(binary)) > 0, "no AVX code at all: the wide variants were not built"
+    assert check.leaked(binary) == []
