@@ -208,7 +208,9 @@ def iterative(
             history so far in ``cascade.json`` (and ``rewind.pt``) for ``resume``.
         resume: with ``checkpoint_dir``, continue a run that was stopped (killed): load the last
             complete round saved there into ``model`` and run the remaining rounds; a folder with
-            no saved run starts from the beginning, so one command serves both.
+            no saved run starts from the beginning, so one command serves both. The checks of the
+            finished rounds are not kept, and a ``stop`` rule's reference is recorded afresh from
+            the resumed model (``ICP(reference="dense")`` loses its dense reference).
         seed: seed of the ``"random"`` measure (plus the round index).
         progress: a tqdm bar over the rounds.
         pq_params: hyperparameters of ``schedule="pq"``.
