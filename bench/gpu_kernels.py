@@ -168,7 +168,7 @@ def make_runner(method: str, cfg: Config, prob: Problem) -> tuple[Callable[[], T
         xt = x.t().contiguous()
         bcol = b[:, None]
         return (lambda: ws @ xt + bcol), (lambda y: y.t())
-    from sparseode.ops import dispatch, registry
+    from sparseode.ops import dispatch, set_gpu_backend, spmm
     from sparseode.ops.formats import SparseWeight
 
     st = dispatch.status(method)
@@ -176,7 +176,8 @@ def make_runner(method: str, cfg: Config, prob: Problem) -> tuple[Callable[[], T
         raise Unsupported(f"unavailable: {st.reason}")
     sw = SparseWeight.from_dense(w, prob.mask, format=cfg.format, block=BLOCK)
     values, pattern = sw.values.detach(), sw.pattern
-    return (lambda: registry.spmm(x, values, pattern, b, cfg.format, "identity", method)), same
+    set_gpu_backend(method)  # the ops on CUDA tensors run on `method` until another row sets its own
+    return (lambda: spmm(x, values, pattern, b)), same
 
 
 def run_config(cfg: Config, methods: Sequence[str], args: argparse.Namespace, gen: torch.Generator) -> list[Result]:

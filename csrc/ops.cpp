@@ -1,8 +1,20 @@
-// The schema of every compiled sparseode kernel op, declared once. Backends register their
-// implementations beside their kernels (csrc/cpu, csrc/cuda), so an unbuilt backend is simply absent.
+// The schema of every sparseode op, declared once: one op per primitive and format,
+// `<format>_<primitive>`. Backends register their kernels beside their sources (csrc/cpu/register_cpu.cpp,
+// csrc/cuda), so an unbuilt backend is simply absent; sparseode/ops/library.py registers the fake
+// kernels, the autograd formulas and the pure-PyTorch reference as the fallback, and declares these
+// same schemas from Python when this extension is not built (a test checks that they agree).
 //
-// Shapes: x (B, K); a sparse weight W of shape (N, K) stored block-sparse: crow (N/bh + 1,),
-// col (nnz_blocks,), values (nnz_blocks, bh, bw) or (nnz,) for CSR (bh = bw = 1).
+// A weight W (N, K) is `values` plus its pattern tensors, in the order of the pattern types in
+// sparseode/ops/patterns.py:
+//   masked: mask (N, K) bool; values (N, K)
+//   csr:    crow (N + 1,), col (nnz,), crow_t (K + 1,), col_t (nnz,), perm (nnz,) int64; values (nnz,)
+//   bsr:    the same over (bh, bw) blocks, plus block_mask (nnz, bh, bw) bool; values (nnz, bh, bw)
+// Primitives: x (B, K), g and a (B, N), c (B, K):
+//   spmm    act(x W^T + bias) -> (B, N)
+//   spmm_fm the same feature-major: xT (K, B) -> (N, B), bias and activation on the first act_cols
+//           columns only (the rest are tangent directions of forward-mode products)
+//   spmm_t  g W -> (B, K)
+//   sddmm   a^T c at the kept positions -> shaped like values
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,14 +27,23 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(sparseode, m) {
-  // y = act(x W^T + bias), (B, N)
-  m.def("bsr_spmm(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor? bias, str activation) -> Tensor");
-  // the same feature-major, inference only: xT (K, B) -> yT (N, B); bias and activation on the first
-  // act_cols columns, none on the rest (tangent directions of forward-mode products)
-  m.def("bsr_spmm_fm(Tensor xT, Tensor values, Tensor crow, Tensor col, Tensor? bias, str activation, int act_cols) -> Tensor");
-  // dx = g W, (B, K), through the transposed pattern (crow_t, col_t) and the permutation `perm`
-  // that maps each stored block of W^T to its block in `values`.
-  m.def("bsr_spmm_t(Tensor g, Tensor values, Tensor crow_t, Tensor col_t, Tensor perm) -> Tensor");
-  // out[p] = sum_b a[b, rows of block p] (outer) c[b, cols of block p], shaped like values.
-  m.def("bsr_sddmm(Tensor a, Tensor c, Tensor crow, Tensor col, int bh, int bw) -> Tensor");
+  m.def("masked_spmm(Tensor x, Tensor values, Tensor mask, Tensor? bias, str activation) -> Tensor");
+  m.def("masked_spmm_fm(Tensor xT, Tensor values, Tensor mask, Tensor? bias, str activation, int act_cols) -> Tensor");
+  m.def("masked_spmm_t(Tensor g, Tensor values, Tensor mask) -> Tensor");
+  m.def("masked_sddmm(Tensor a, Tensor c, Tensor mask) -> Tensor");
+  m.def("csr_spmm(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, Tensor? bias, str activation) -> Tensor");
+  m.def("csr_spmm_fm(Tensor xT, Tensor values, Tensor crow, Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, Tensor? bias, str activation, int act_cols) -> Tensor");
+  m.def("csr_spmm_t(Tensor g, Tensor values, Tensor crow, Tensor col, Tensor crow_t, Tensor col_t, Tensor perm) -> Tensor");
+  m.def("csr_sddmm(Tensor a, Tensor c, Tensor crow, Tensor col, Tensor crow_t, Tensor col_t, Tensor perm) -> Tensor");
+  m.def("bsr_spmm(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, Tensor block_mask, Tensor? bias, str activation) -> Tensor");
+  m.def("bsr_spmm_fm(Tensor xT, Tensor values, Tensor crow, Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, Tensor block_mask, Tensor? bias, str activation, int act_cols) -> Tensor");
+  m.def("bsr_spmm_t(Tensor g, Tensor values, Tensor crow, Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, Tensor block_mask) -> Tensor");
+  m.def("bsr_sddmm(Tensor a, Tensor c, Tensor crow, Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, Tensor block_mask) -> Tensor");
+  // The whole MLP vector field in one call (csrc/cpu/field_cpu.h): f (B, d), the trace term (B,)
+  // (trace 0 none, 1 exact, 2 Hutchinson with `probe`) and, when `save`, the products the backward
+  // needs; sparseode/nn/fused_field.py holds its fake kernel and autograd.
+  m.def("mlp_field(Tensor z, Tensor? probe, Tensor[] weights, Tensor[] patterns, Tensor?[] scales, Tensor?[] shifts, str activation, int trace, bool save) -> (Tensor, Tensor, Tensor[])");
+  // its backward's sparse products on feature-major panels (csrc/cpu/field_backward_cpu.cpp)
+  m.def("field_spmm_t_fm(Tensor a, Tensor values_t, Tensor crow_t, Tensor col_t) -> Tensor");
+  m.def("field_sddmm_fm(Tensor a, Tensor c, Tensor crow, Tensor col) -> Tensor");
 }

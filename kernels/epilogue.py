@@ -3,7 +3,7 @@ non-finite test. Only core ``triton.language`` is used (no libdevice), so the sa
 on a GPU and in the interpreter (``TRITON_INTERPRET=1``).
 
 Activations are compile-time codes in the order of ``ACTIVATIONS`` (the order of
-``sparseode.ops.registry.ACTIVATIONS`` and of the ``Activation`` enum in csrc/common.h).
+``sparseode.ops.library.ACTIVATIONS`` and of the ``Activation`` enum in csrc/common.h).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Python entry points of the Triton kernels: the three primitives for every format.
 
-Shapes follow ``sparseode.ops.reference``: a weight W (N, K) held by ``values`` and ``pattern`` (the
-layout of ``sparseode.ops.layout``), x (B, K), g and a (B, N), c (B, K). float32 (tf32 only when
+Shapes follow ``sparseode.ops.reference``: a weight W (N, K) held by ``values`` and a typed pattern
+(``sparseode.ops.patterns``), x (B, K), g and a (B, N), c (B, K); one function per format and
+primitive, named like the op it serves (``csr_spmm`` for ``sparseode::csr_spmm``). float32 (tf32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is set), float16, bfloat16 and float64; accumulation in
 float32 (float64 for float64). Nothing here synchronises with the device, so the launches can be
 captured in a CUDA graph: index arrays derived from a pattern are cached per pattern tensor (when
@@ -20,6 +21,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.weak import WeakIdKeyDictionary
+
+from sparseode.ops.patterns import BSRPattern, CSRPattern, MaskedPattern
 
 from .epilogue import activation_code
 from .nonfinite import poison_nonfinite_kernel
@@ -116,29 +119,26 @@ class Blocks:
         return triton.cdiv(self.k, self.bw)
 
 
-def _block_shape(pattern: list[Tensor]) -> tuple[int, int]:
-    return int(pattern[5].shape[1]), int(pattern[5].shape[2])
+def bsr_walk(pattern: BSRPattern, transposed: bool) -> Blocks:
+    """The walk of a BSR W (N, K) for spmm, or of W^T (K, N) for spmm_t (``transposed``)."""
+    bh, bw = int(pattern.block_mask.shape[1]), int(pattern.block_mask.shape[2])
+    n, k = (pattern.crow.numel() - 1) * bh, (pattern.crow_t.numel() - 1) * bw
+    if transposed:  # block q of W^T is values[perm[q]]^T
+        return Blocks(k, n, bw, bh, pattern.crow_t, pattern.col_t, pattern.perm, None, None, (bh * bw, 0, 0, 1, bw))
+    return Blocks(n, k, bh, bw, pattern.crow, pattern.col, None, None, None, (bh * bw, 0, 0, bw, 1))
 
 
-def blocks(fmt: str, pattern: list[Tensor], transposed: bool) -> Blocks:
-    """The walk of W (N, K) for spmm, or of W^T (K, N) for spmm_t (``transposed``)."""
-    if fmt == "bsr":
-        bh, bw = _block_shape(pattern)
-        n, k = (pattern[0].numel() - 1) * bh, (pattern[2].numel() - 1) * bw
-        if transposed:  # block q of W^T is values[perm[q]]^T
-            return Blocks(k, n, bw, bh, pattern[2], pattern[3], pattern[4], None, None, (bh * bw, 0, 0, 1, bw))
-        return Blocks(n, k, bh, bw, pattern[0], pattern[1], None, None, None, (bh * bw, 0, 0, bw, 1))
-    if fmt == "masked":
-        mask = pattern[0]
-        n, k = mask.shape
-        t = MASK_TILE
-        occ = _derived(mask, "occ", lambda: _occupancy(mask))
-        m8 = mask.view(torch.uint8)
-        if transposed:
-            occ_t = _derived(mask, "occ_t", lambda: occ.t().contiguous())
-            return Blocks(k, n, t, t, None, None, None, occ_t, m8, (0, t, t * k, 1, k))
-        return Blocks(n, k, t, t, None, None, None, occ, m8, (0, t * k, t, k, 1))
-    raise ValueError(f"no block walk for format {fmt!r}")
+def masked_walk(pattern: MaskedPattern, transposed: bool) -> Blocks:
+    """The tiles of a masked W (N, K) (or of W^T), empty tiles skipped through an occupancy map."""
+    mask = pattern.mask
+    n, k = mask.shape
+    t = MASK_TILE
+    occ = _derived(mask, "occ", lambda: _occupancy(mask))
+    m8 = mask.view(torch.uint8)
+    if transposed:
+        occ_t = _derived(mask, "occ_t", lambda: occ.t().contiguous())
+        return Blocks(k, n, t, t, None, None, None, occ_t, m8, (0, t, t * k, 1, k))
+    return Blocks(n, k, t, t, None, None, None, occ, m8, (0, t * k, t, k, 1))
 
 
 # --- launch helpers ------------------------------------------------------------------------------
@@ -253,39 +253,71 @@ def _finish_splits(out: Tensor, splits: int, dtype: torch.dtype) -> Tensor:
     return (out if splits == 1 else out.sum(0)).to(dtype)
 
 
-# --- the primitives ------------------------------------------------------------------------------
-def spmm(x: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None, fmt: str,
-         activation: str = "identity") -> Tensor:
+# --- the primitives, one per format ---------------------------------------------------------------
+def _inputs(*ts: Tensor | None) -> tuple[Tensor | None, ...]:
+    return tuple(t.contiguous() if t is not None else None for t in ts)
+
+
+def csr_spmm(x: Tensor, values: Tensor, pattern: CSRPattern, bias: Tensor | None, activation: str) -> Tensor:
     """act(x W^T + bias): x (B, K) -> (B, N), in x's dtype."""
-    x, values = x.contiguous(), values.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+    x, values, bias = _inputs(x, values, bias)
     with _on_device(x):
-        if fmt == "csr":
-            return _csr_spmm(x, values, pattern[0], pattern[1], None, x.shape[1], bias, activation)
-        return _block_spmm(x, values, blocks(fmt, pattern, transposed=False), bias, activation)
+        return _csr_spmm(x, values, pattern.crow, pattern.col, None, x.shape[1], bias, activation)
 
 
-def spmm_t(g: Tensor, values: Tensor, pattern: list[Tensor], fmt: str) -> Tensor:
+def csr_spmm_t(g: Tensor, values: Tensor, pattern: CSRPattern) -> Tensor:
     """g W: g (B, N) -> (B, K), through the transposed pattern (no copy of the values)."""
-    g, values = g.contiguous(), values.contiguous()
+    g, values = _inputs(g, values)
     with _on_device(g):
-        if fmt == "csr":
-            return _csr_spmm(g, values, pattern[2], pattern[3], pattern[4], g.shape[1], None, "identity")
-        return _block_spmm(g, values, blocks(fmt, pattern, transposed=True), None, "identity")
+        return _csr_spmm(g, values, pattern.crow_t, pattern.col_t, pattern.perm, g.shape[1], None, "identity")
 
 
-def sddmm(a: Tensor, c: Tensor, pattern: list[Tensor], fmt: str) -> Tensor:
-    """(a^T c) at the stored positions: a (B, N), c (B, K) -> shaped like the values.
-
-    Stored entries that the pattern prunes (inside BSR blocks, or masked-out entries of a kept
-    tile) are not zeroed here; the backend's ``sddmm`` masks them.
-    """
-    a, c = a.contiguous(), c.contiguous()
-    B, N, K = a.shape[0], a.shape[1], c.shape[1]
+def csr_sddmm(a: Tensor, c: Tensor, pattern: CSRPattern) -> Tensor:
+    """(a^T c) at the stored positions: a (B, N), c (B, K) -> (nnz,)."""
+    a, c = _inputs(a, c)
     with _on_device(a):
-        if fmt == "csr":
-            return _csr_sddmm(a, c, pattern[0], pattern[1])
-        return _block_sddmm(a, c, fmt, pattern, B, N, K)
+        return _csr_sddmm(a, c, pattern.crow, pattern.col)
+
+
+def bsr_spmm(x: Tensor, values: Tensor, pattern: BSRPattern, bias: Tensor | None, activation: str) -> Tensor:
+    """act(x W^T + bias) for a BSR W; entries that block_mask drops count as zero."""
+    x, values, bias = _inputs(x, values * pattern.block_mask, bias)
+    with _on_device(x):
+        return _block_spmm(x, values, bsr_walk(pattern, transposed=False), bias, activation)
+
+
+def bsr_spmm_t(g: Tensor, values: Tensor, pattern: BSRPattern) -> Tensor:
+    g, values = _inputs(g, values * pattern.block_mask)
+    with _on_device(g):
+        return _block_spmm(g, values, bsr_walk(pattern, transposed=True), None, "identity")
+
+
+def bsr_sddmm(a: Tensor, c: Tensor, pattern: BSRPattern) -> Tensor:
+    """(a^T c) in the stored blocks, zero where block_mask drops an entry: (nnz_blocks, bh, bw)."""
+    a, c = _inputs(a, c)
+    with _on_device(a):
+        out = _block_sddmm(a, c, bsr_walk(pattern, transposed=False), a.shape[1], c.shape[1])
+    return out.masked_fill_(~pattern.block_mask, 0)
+
+
+def masked_spmm(x: Tensor, values: Tensor, pattern: MaskedPattern, bias: Tensor | None, activation: str) -> Tensor:
+    x, values, bias = _inputs(x, values, bias)
+    with _on_device(x):
+        return _block_spmm(x, values, masked_walk(pattern, transposed=False), bias, activation)
+
+
+def masked_spmm_t(g: Tensor, values: Tensor, pattern: MaskedPattern) -> Tensor:
+    g, values = _inputs(g, values)
+    with _on_device(g):
+        return _block_spmm(g, values, masked_walk(pattern, transposed=True), None, "identity")
+
+
+def masked_sddmm(a: Tensor, c: Tensor, pattern: MaskedPattern) -> Tensor:
+    """(a^T c) where the mask keeps an entry, zero elsewhere: (N, K)."""
+    a, c = _inputs(a, c)
+    with _on_device(a):
+        out = _block_sddmm(a, c, masked_walk(pattern, transposed=False), a.shape[1], c.shape[1])
+    return out.masked_fill_(~pattern.mask, 0)
 
 
 def _csr_sddmm(a: Tensor, c: Tensor, crow: Tensor, col: Tensor) -> Tensor:
@@ -304,9 +336,9 @@ def _csr_sddmm(a: Tensor, c: Tensor, crow: Tensor, col: Tensor) -> Tensor:
     return _finish_splits(out, splits, a.dtype)
 
 
-def _block_sddmm(a: Tensor, c: Tensor, fmt: str, pattern: list[Tensor], B: int, N: int, K: int) -> Tensor:
+def _block_sddmm(a: Tensor, c: Tensor, walk: Blocks, N: int, K: int) -> Tensor:
     # The output is laid out like the values, so the walk's value addressing is the output's.
-    walk = blocks(fmt, pattern, transposed=False)
+    B = a.shape[0]
     if walk.is_list:
         nnz = walk.col.numel()
         shape, n_items = (nnz, walk.bh, walk.bw), nnz

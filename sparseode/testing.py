@@ -8,12 +8,9 @@ import torch
 from torch import Tensor
 
 from sparseode.ops import dispatch
-from sparseode.ops.layout import FORMATS
+from sparseode.ops.handlers import FORMATS
 
 DTYPES = (torch.float32, torch.float64)
-DEVICES = ("cpu", "cuda")
-BACKENDS = dispatch.BACKENDS
-FORMATS = FORMATS
 # Absolute/relative tolerance of a kernel against the float64 reference, by dtype.
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-10, 1e-10),
               torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
@@ -57,8 +54,7 @@ def backend_skip_reason(backend: str, device: str = "cpu") -> str | None:
     st = dispatch.status(backend)
     if not st.available:
         return f"backend {backend!r} unavailable: {st.reason}"
-    be = dispatch.get(backend)
-    if device not in be.device_types:
+    if device not in dispatch.get(backend).device_types:
         return f"backend {backend!r} does not run on {device}"
     return None
 
@@ -87,3 +83,18 @@ def make_case(shape: Shape, dtype: torch.dtype = torch.float32, device: str = "c
     b = torch.randn(shape.out, generator=generator, dtype=torch.float64)
     mask = make_mask(shape, generator)
     return x.to(device, dtype), w.to(device, dtype), mask.to(device), b.to(device, dtype)
+
+
+def opcheck_cases(fmt: str, x: Tensor, values: Tensor, pattern: tuple, bias: Tensor | None,
+                  g: Tensor) -> list[tuple]:
+    """(op, args) for ``torch.library.opcheck`` of every primitive of format ``fmt``: x (B, in),
+    g (B, out); spmm_fm takes x^T with the activation on the first half of its columns."""
+    from sparseode.ops.library import op
+
+    xT = x.detach().t().contiguous().requires_grad_(x.requires_grad)
+    return [
+        (op(fmt, "spmm"), (x, values, *pattern, bias, "tanh")),
+        (op(fmt, "spmm_fm"), (xT, values, *pattern, bias, "tanh", x.shape[0] // 2)),
+        (op(fmt, "spmm_t"), (g, values, *pattern)),
+        (op(fmt, "sddmm"), (g, x, *pattern)),
+    ]

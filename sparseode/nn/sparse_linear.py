@@ -4,15 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sparseode.models.forward_mode import effective_weight
-from sparseode.ops import registry
+from sparseode.ops import dispatch, library, select
 from sparseode.ops.formats import SparseWeight
-
-
-def pruning_mask(linear: nn.Linear) -> Tensor | None:
-    """The mask ``torch.nn.utils.prune`` left on ``linear`` (``weight_mask``), or None."""
-    mask = getattr(linear, "weight_mask", None)
-    return mask.bool() if isinstance(mask, Tensor) else None
+from sparseode.pruned import effective, kept_mask
 
 
 class SparseLinear(nn.Module):
@@ -21,13 +15,21 @@ class SparseLinear(nn.Module):
     Same call as ``nn.Linear``: x (..., in_features) -> (..., out_features), any leading dims.
     ``weight`` is a read-only dense view; ``sparse.values`` (the stored weights) and ``bias`` are
     the parameters. ``activation`` (default identity) is fused into the kernel's epilogue.
+
+    ``backend="auto"`` runs on the backend selected for the input's device
+    (``sparseode.ops.set_backend`` / ``set_gpu_backend``; by default the compiled kernels, "cpu"
+    on the CPU). Another name pins this layer to that backend: its calls (and their backward)
+    switch the device's setting to it and back, which costs registration work per call, so pin
+    only to compare backends; "torch" is the pure-PyTorch reference.
     """
 
     def __init__(self, weight: SparseWeight, bias: Tensor | None = None, backend: str = "auto",
                  activation: str = "identity", from_pruned: bool = False) -> None:
         super().__init__()
-        if activation not in registry.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(registry.ACTIVATIONS)}; got {activation!r}")
+        if activation not in library.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(library.ACTIVATIONS)}; got {activation!r}")
+        if backend != "auto":
+            dispatch.status(backend)  # a clear error for an unknown name
         self.sparse = weight
         self.out_features, self.in_features = weight.shape
         if bias is None:
@@ -52,11 +54,11 @@ class SparseLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        pruned = pruning_mask(linear)
+        pruned = kept_mask(linear)
         if mask is None:
             mask = pruned
         # weight_orig * weight_mask, not .weight: the latter is refreshed only by a forward call
-        weight = SparseWeight.from_dense(effective_weight(linear).detach(), mask, format=format, block=block)
+        weight = SparseWeight.from_dense(effective(linear).detach(), mask, format=format, block=block)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(weight, bias, backend=backend, activation=activation, from_pruned=pruned is not None)
 
@@ -77,23 +79,42 @@ class SparseLinear(nn.Module):
                 f"input has shape {tuple(x.shape)}: expected (..., {self.in_features}) for a layer with "
                 f"in_features={self.in_features}"
             )
+        values = self._modules["sparse"]._parameters["values"]
+        if x.dtype != values.dtype:
+            raise TypeError(f"input has dtype {x.dtype} but the layer's weight has dtype {values.dtype}")
+        if x.device != values.device:
+            raise ValueError(f"input is on {x.device} but the layer's weight is on {values.device}")
         return self.fused_linear(x, self._parameters["bias"], self.activation)
+
+    def _pinned(self, device_type: str) -> bool:
+        """True when this layer is pinned to a backend other than the one active on the device."""
+        return self.backend != "auto" and select.active(device_type) != self.backend
 
     def fused_linear(self, z: Tensor, bias: Tensor | None, activation: str) -> Tensor:
         """act(z W^T + bias) in one kernel call, with a bias other than the layer's own (the vector
         fields fold their time term into it). z (..., in_features) -> (..., out_features)."""
-        sparse = self.sparse
-        y = registry.spmm(z.reshape(-1, self.in_features), sparse._parameters["values"], sparse.pattern, bias,
-                          sparse.format, activation, self.backend)
+        if self._pinned(z.device.type):
+            dispatch.get(self.backend).check(z)
+            with select.use_backend(self.backend, z.device.type):
+                return self.fused_linear(z, bias, activation)
+        sparse = self._modules["sparse"]
+        spmm = library.op(sparse.format, "spmm")
+        if z.dim() == 2:
+            return spmm(z, sparse._parameters["values"], *sparse.pattern, bias, activation)
+        y = spmm(z.reshape(-1, self.in_features), sparse._parameters["values"], *sparse.pattern, bias, activation)
         return y.reshape(*z.shape[:-1], self.out_features)
 
     def fused_linear_fm(self, zT: Tensor, bias: Tensor | None, activation: str, act_cols: int) -> Tensor:
         """Feature-major: zT (in_features, B) -> (out_features, B) = W zT, with ``bias`` and
         ``activation`` on the first ``act_cols`` columns only (the vector fields keep their hidden
         states and tangent directions this way, so nothing is transposed between layers)."""
-        sparse = self.sparse
-        return registry.spmm_fm(zT, sparse._parameters["values"], sparse.pattern, bias, sparse.format, activation,
-                                act_cols, self.backend)
+        if self._pinned(zT.device.type):
+            dispatch.get(self.backend).check(zT)
+            with select.use_backend(self.backend, zT.device.type):
+                return self.fused_linear_fm(zT, bias, activation, act_cols)
+        sparse = self._modules["sparse"]
+        spmm_fm = library.op(sparse.format, "spmm_fm")
+        return spmm_fm(zT, sparse._parameters["values"], *sparse.pattern, bias, activation, act_cols)
 
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the same weight and bias (the activation is not carried)."""

@@ -1,4 +1,4 @@
-"""Which backend runs an op: the registry of backends, what is usable here, and the ``auto`` choice.
+"""The registry of backends (name -> Backend), what is usable here and why not the rest.
 
 Backends are looked up by name and imported on first use, so importing sparseode never imports
 triton or touches CUDA.
@@ -20,9 +20,6 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("sparseode.ops.backend", "TORCH"),
 }
 BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
-# Order in which ``auto`` tries backends per device type. Triton on the CPU runs only through the
-# interpreter (a testing aid, far slower than the C++ kernels), so auto never picks it there.
-_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
 @dataclass(frozen=True)
@@ -79,12 +76,12 @@ def get(name: str) -> Backend:
     return _load(name)
 
 
-def resolve(name: str, device: torch.device, fmt: str) -> str:
-    """The concrete backend for ``name`` ("auto" or a backend name) on ``device`` for ``fmt``."""
+def resolve(name: str, device: torch.device) -> str:
+    """The concrete backend for ``name`` ("auto" or a backend name) on ``device``: "auto" is the
+    backend selected for that device type (sparseode.ops.select)."""
     if name != "auto":
         get(name)
         return name
-    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-        if status(candidate).available and (candidate == "torch" or fmt in _load(candidate).formats):
-            return candidate
-    return "torch"
+    from sparseode.ops import select
+
+    return select.active(device.type)

@@ -1,19 +1,9 @@
-"""Sparse weight formats: a fixed sparsity pattern plus trainable stored values.
-
-A weight ``W`` of shape ``(out_features, in_features)`` is held as
-
-* ``masked``: ``values`` (out, in) dense, ``mask`` (out, in) bool; W = values * mask.
-* ``csr``: ``values`` (nnz,), ``crow`` (out + 1,), ``col`` (nnz,) int64, columns sorted in each row.
-* ``bsr``: ``values`` (nnz_blocks, bh, bw), ``crow`` (out / bh + 1,), ``col`` (nnz_blocks,) block
-  columns; a block is stored when any of its entries is kept, and ``block_mask`` (nnz_blocks, bh, bw)
-  marks which entries of a stored block are kept (the others hold zeros and get no gradient).
-
-CSR and BSR also keep the transposed pattern (``crow_t``, ``col_t``) and ``perm`` (stored block
-``q`` of W^T is block ``perm[q]`` of W), built once here so the backward pass never converts.
+"""``SparseWeight``: a fixed sparsity pattern (typed per format, see patterns.py) plus trainable
+stored values, for any format in the registry :data:`~sparseode.ops.handlers.FORMAT_HANDLERS`.
 
 The pattern is fixed: only ``values`` is an ``nn.Parameter``, so training never revives a pruned
-weight. The pattern tensors travel to the ops as one list, ``pattern``, in the order of
-``PATTERN_FIELDS[format]``.
+weight. It is validated once, when the weight is built and when a state dict is loaded into it,
+so no kernel ever reads a malformed pattern and no call pays for the checks.
 """
 from __future__ import annotations
 
@@ -23,19 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from sparseode.ops import reference
-from sparseode.ops.layout import FORMATS, PATTERN_FIELDS, block_of, check_format
-
-def _compressed(rows: Tensor, cols: Tensor, n_rows: int, n_cols: int) -> tuple[Tensor, ...]:
-    """CSR index arrays of a pattern given as (row, col) pairs sorted by row then column.
-
-    Returns crow (n_rows + 1,), crow_t (n_cols + 1,), col_t and perm, all int64.
-    """
-    crow = torch.zeros(n_rows + 1, dtype=torch.long)
-    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
-    perm = torch.argsort(cols * max(n_rows, 1) + rows)
-    crow_t = torch.zeros(n_cols + 1, dtype=torch.long)
-    crow_t[1:] = torch.bincount(cols, minlength=n_cols).cumsum(0)
-    return crow, crow_t, rows[perm].contiguous(), perm
+from sparseode.ops.handlers import handler
+from sparseode.ops.patterns import Pattern
+from sparseode.ops.validate import PatternError
 
 
 def _check_mask(weight: Tensor, mask: Tensor) -> None:
@@ -62,20 +42,33 @@ def _check_block(block: Any, shape: tuple[int, int]) -> tuple[int, int]:
     return bh, bw
 
 
-class SparseWeight(nn.Module):
-    """A weight of shape ``(out_features, in_features)`` in one of :data:`FORMATS`.
+def _check_shape(shape: Any) -> tuple[int, int]:
+    try:
+        out_f, in_f = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a pair of ints (out_features, in_features), got {shape!r}") from None
+    if out_f < 0 or in_f < 0:
+        raise ValueError(f"shape must be non-negative, got {shape!r}")
+    return out_f, in_f
 
-    Build it with :meth:`from_dense`; ``values`` is the only parameter, the rest are buffers.
+
+class SparseWeight(nn.Module):
+    """A weight of shape ``(out_features, in_features)`` in one of the formats of :data:`~sparseode.ops.handlers.FORMAT_HANDLERS`.
+
+    Build it with :meth:`from_dense`, or from ``values`` and a ``pattern`` (the format's pattern
+    type, a dict by field name, or a sequence in field order), which is validated here.
+    ``values`` is the only parameter, the pattern tensors are buffers.
     """
 
-    def __init__(self, fmt: str, shape: tuple[int, int], values: Tensor, pattern: dict[str, Tensor]):
+    def __init__(self, fmt: str, shape: tuple[int, int], values: Tensor, pattern: Pattern | dict[str, Tensor]):
         super().__init__()
-        check_format(fmt)
+        self._handler = handler(fmt)
         self.format = fmt
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = _check_shape(shape)
+        typed = self._handler.validate(pattern, self.shape, values)
         self.values = nn.Parameter(values)
-        for name in PATTERN_FIELDS[fmt]:
-            self.register_buffer(name, pattern[name])
+        for name, t in typed._asdict().items():
+            self.register_buffer(name, t)
 
     @classmethod
     def from_dense(
@@ -86,7 +79,7 @@ class SparseWeight(nn.Module):
         ``mask`` defaults to ``weight != 0``. ``block`` is used by ``bsr`` only and must tile the
         weight exactly. Stored values are copies: the result does not alias ``weight``.
         """
-        check_format(format)
+        h = handler(format)
         weight = weight.detach()
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -94,49 +87,24 @@ class SparseWeight(nn.Module):
             raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
         mask = weight != 0 if mask is None else mask
         _check_mask(weight, mask)
-        mask = mask.to(weight.device)
-        out_f, in_f = weight.shape
-        if format == "masked":
-            values = torch.where(mask, weight, torch.zeros_like(weight))
-            return cls("masked", (out_f, in_f), values, {"mask": mask.clone()})
-        dev = weight.device
-        if format == "csr":
-            idx = mask.cpu().nonzero()
-            rows, cols = idx[:, 0].contiguous(), idx[:, 1].contiguous()
-            crow, crow_t, col_t, perm = _compressed(rows, cols, out_f, in_f)
-            values = weight[rows.to(dev), cols.to(dev)].clone()
-            pattern = {"crow": crow, "col": cols, "crow_t": crow_t, "col_t": col_t, "perm": perm}
-        else:
-            bh, bw = _check_block(block, (out_f, in_f))
-            grid = (out_f // bh, in_f // bw)
-            mask_blocks = mask.reshape(grid[0], bh, grid[1], bw).permute(0, 2, 1, 3)
-            idx = mask_blocks.any(dim=(2, 3)).cpu().nonzero()
-            rows, cols = idx[:, 0].contiguous(), idx[:, 1].contiguous()
-            crow, crow_t, col_t, perm = _compressed(rows, cols, grid[0], grid[1])
-            r, c = rows.to(dev), cols.to(dev)
-            block_mask = mask_blocks[r, c].contiguous()
-            w_blocks = weight.reshape(grid[0], bh, grid[1], bw).permute(0, 2, 1, 3)[r, c]
-            values = torch.where(block_mask, w_blocks, torch.zeros_like(w_blocks)).contiguous()
-            pattern = {"crow": crow, "col": cols, "crow_t": crow_t, "col_t": col_t, "perm": perm,
-                       "block_mask": block_mask}
-        pattern = {k: v.to(dev) for k, v in pattern.items()}
-        return cls(format, (out_f, in_f), values, pattern)
+        block = _check_block(block, tuple(weight.shape)) if format == "bsr" else (1, 1)
+        values, pattern = h.from_dense(weight, mask.to(weight.device), block)
+        return cls(format, tuple(weight.shape), values, pattern)
 
     @property
-    def pattern(self) -> list[Tensor]:
-        """The pattern tensors in the order of ``PATTERN_FIELDS[self.format]`` (the ops' order)."""
+    def pattern(self) -> Pattern:
+        """The typed pattern (the format's NamedTuple of buffers)."""
         buffers = self._buffers  # direct dict access: this runs once per layer call
-        return [buffers[name] for name in PATTERN_FIELDS[self.format]]
+        pattern_type = self._handler.pattern_type
+        return pattern_type._make(map(buffers.__getitem__, pattern_type._fields))
 
     @property
     def block(self) -> tuple[int, int]:
-        return block_of(self.format, self.pattern)
+        return self._handler.block(self.pattern)
 
     def kept_mask(self) -> Tensor:
         """Boolean (out, in) tensor of the kept positions."""
-        if self.format == "masked":
-            return self.get_buffer("mask").clone()
-        return reference.dense_weight(torch.ones_like(self.values), self.pattern, self.format) != 0
+        return reference.dense_weight(torch.ones_like(self.values.detach()), self.pattern) != 0
 
     def nnz(self) -> int:
         """Number of kept weights (not counting zeros stored inside BSR blocks)."""
@@ -148,26 +116,38 @@ class SparseWeight(nn.Module):
 
     def to_dense(self) -> Tensor:
         """The dense weight (out, in); differentiable with respect to ``values``."""
-        return reference.dense_weight(self.values, self.pattern, self.format)
+        return reference.dense_weight(self.values, self.pattern)
 
     def extra_repr(self) -> str:
-        extra = f", block={self.block}" if self.format == "bsr" else ""
+        extra = f", block={self.block}" if self.block != (1, 1) else ""
         return f"format={self.format!r}, shape={self.shape}, nnz={self.nnz()}{extra}"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # A saved pattern may hold a different number of stored entries than this module was built
-        # with: adopt the saved shapes, so any SparseWeight loads any saved one of its format.
-        for name in ("values",) + PATTERN_FIELDS[self.format]:
-            key = prefix + name
-            if key in state_dict:
-                current = getattr(self, name)
-                saved = state_dict[key]
-                if current.shape != saved.shape:
-                    new = torch.empty_like(saved, dtype=current.dtype, device=current.device)
-                    if name == "values":
-                        self.values = nn.Parameter(new, requires_grad=current.requires_grad)
-                    else:
-                        setattr(self, name, new)
+        # with: adopt the saved shapes, so any SparseWeight loads any saved one of its format. The
+        # saved pattern is validated first; a malformed one is reported and nothing is loaded.
+        fields = self._handler.pattern_type._fields
+        names = ("values",) + fields
+        current = {name: getattr(self, name) for name in names}
+        saved = {name: state_dict.get(prefix + name, current[name]) for name in names}
+        try:
+            on_device = {n: saved[n].to(current[n].device) if isinstance(saved[n], Tensor) else saved[n]
+                         for n in fields}
+            values = saved["values"]
+            if isinstance(values, Tensor):
+                values = values.to(current["values"].device, current["values"].dtype)
+            self._handler.validate(on_device, self.shape, values)
+        except PatternError as err:
+            error_msgs.append(f"{prefix or 'SparseWeight '}: the saved {self.format} pattern is malformed: {err}")
+            return
+        for name in names:
+            if saved[name].shape != current[name].shape:
+                new = torch.empty_like(saved[name], dtype=current[name].dtype, device=current[name].device)
+                if name == "values":
+                    self.values = nn.Parameter(new, requires_grad=current[name].requires_grad)
+                else:
+                    setattr(self, name, new)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+

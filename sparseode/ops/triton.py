@@ -1,5 +1,6 @@
 """The ``triton`` backend: the Triton kernels of ``sparseode.kernels`` (kernels/ in the source tree)
-for the ``masked``, ``csr`` and ``bsr`` formats.
+for the ``masked``, ``csr`` and ``bsr`` ops, registered for a device's dispatch key while selected
+(``sparseode.ops.set_gpu_backend("triton")``).
 
 On a GPU the kernels are compiled and autotuned on first use. Without one they run only through
 Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported), a testing aid that
@@ -11,19 +12,50 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from typing import Callable
 
 import torch
-from torch import Tensor
 
 from sparseode.ops.backend import Backend
+from sparseode.ops.handlers import FORMAT_HANDLERS, FormatHandler
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _launch():
+    return importlib.import_module("sparseode.kernels.launch")
+
+
+def _format_kernels(h: FormatHandler) -> dict[str, Callable]:
+    """The ops of one format on the launch functions of the same names (the pattern tensors
+    arrive flat, in field order). spmm_fm transposes around spmm."""
+    n, typed = len(h.pattern_type._fields), h.pattern_type
+    name = h.name
+
+    def spmm(x, values, *rest):
+        return getattr(_launch(), f"{name}_spmm")(x, values, typed(*rest[:n]), *rest[n:])
+
+    def spmm_fm(xT, values, *rest):
+        from sparseode.ops.reference import column_epilogue
+
+        bias, activation, act_cols = rest[n:]
+        y = getattr(_launch(), f"{name}_spmm")(xT.t(), values, typed(*rest[:n]), None, "identity").t()
+        return column_epilogue(y, bias, activation, act_cols)
+
+    def spmm_t(g, values, *pattern):
+        return getattr(_launch(), f"{name}_spmm_t")(g, values, typed(*pattern))
+
+    def sddmm(a, c, *pattern):
+        return getattr(_launch(), f"{name}_sddmm")(a, c, typed(*pattern))
+
+    return {h.op_name("spmm"): spmm, h.op_name("spmm_fm"): spmm_fm, h.op_name("spmm_t"): spmm_t,
+            h.op_name("sddmm"): sddmm}
+
+
 class TritonBackend(Backend):
-    """spmm, spmm_t and sddmm on Triton kernels.
+    """Every op on Triton kernels.
 
     dtypes: float32 (tf32 only when ``torch.backends.cuda.matmul.allow_tf32`` is set), float16,
     bfloat16 and float64, accumulating in float32 (float64 for float64). Devices: CUDA, and the CPU
@@ -45,19 +77,8 @@ class TritonBackend(Backend):
             return False, "no GPU; set TRITON_INTERPRET=1 to run through the interpreter"
         return True, ""
 
-    @staticmethod
-    def _kernels():
-        return importlib.import_module("sparseode.kernels.launch")
-
-    def _spmm(self, x: Tensor, values: Tensor, pattern: list[Tensor], bias: Tensor | None, fmt: str,
-              activation: str) -> Tensor:
-        return self._kernels().spmm(x, values, pattern, bias, fmt, activation)
-
-    def _spmm_t(self, g: Tensor, values: Tensor, pattern: list[Tensor], fmt: str) -> Tensor:
-        return self._kernels().spmm_t(g, values, pattern, fmt)
-
-    def _sddmm(self, a: Tensor, c: Tensor, pattern: list[Tensor], fmt: str) -> Tensor:
-        return self._kernels().sddmm(a, c, pattern, fmt)
+    def kernels(self) -> dict[str, Callable]:
+        return {op: fn for h in FORMAT_HANDLERS.values() for op, fn in _format_kernels(h).items()}
 
 
 TRITON = TritonBackend()

@@ -108,7 +108,7 @@ def test_sparsified_cnf_gradients_match(adjoint):
     for dense_layer, sparse_layer in zip(dense_cnf.field.layers, sparse_cnf.field.layers):
         g_dense = dense_layer.linear.weight_orig.grad * dense_layer.linear.weight_mask
         sl = sparse_layer.linear
-        g_sparse = so.ops.reference.dense_weight(sl.sparse.values.grad, sl.sparse.pattern, sl.sparse.format)
+        g_sparse = so.ops.reference.dense_weight(sl.sparse.values.grad, sl.sparse.pattern)
         torch.testing.assert_close(g_sparse, g_dense, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(sparse_layer.gate.weight.grad, dense_layer.gate.weight.grad, atol=1e-4, rtol=1e-3)
 

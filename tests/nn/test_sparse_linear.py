@@ -9,8 +9,8 @@ from torch.nn.utils import prune
 import sparseode as so
 from sparseode.nn import SparseLinear
 from sparseode.nn import autoformat
-from sparseode.ops import SparseWeight
-from sparseode.testing import FORMATS
+from sparseode.ops import SparseWeight, use_backend
+from sparseode.testing import FORMATS, backend_skip_reason
 
 
 def _pruned_linear(n_in=24, n_out=16, amount=0.8, seed=0):
@@ -151,6 +151,11 @@ def test_errors_name_the_argument():
 
 
 def test_half_precision_on_cpu_backend_is_a_clear_error():
+    if backend_skip_reason("cpu"):
+        pytest.skip(backend_skip_reason("cpu"))
     sl = SparseLinear.from_dense(_pruned_linear().to(torch.bfloat16), format="csr", backend="cpu")
-    with pytest.raises(TypeError, match="supports dtypes"):
+    with pytest.raises(RuntimeError, match="must be float32 or float64 on this backend, got BFloat16"):
+        sl(torch.randn(2, 24, dtype=torch.bfloat16))
+    # pinned to "cpu" while another backend is active, the layer checks before switching
+    with use_backend("torch", "cpu"), pytest.raises(TypeError, match="supports dtypes float32, float64; got"):
         sl(torch.randn(2, 24, dtype=torch.bfloat16))

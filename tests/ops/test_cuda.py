@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from sparseode.nn.sparse_linear import SparseLinear
-from sparseode.ops import reference, registry
+from sparseode.ops import ACTIVATIONS, reference, sddmm, spmm, spmm_t, use_backend
 from sparseode.ops.formats import SparseWeight
-from sparseode.testing import Shape, backend_skip_reason, make_mask
+from sparseode.testing import Shape, backend_skip_reason, make_mask, opcheck_cases
 
 pytestmark = [
     pytest.mark.gpu,
@@ -68,15 +68,15 @@ def _inputs(fmt: str, shape: Shape, dtype: torch.dtype) -> tuple[SparseWeight, T
 
 def _three_ops(sw: SparseWeight, x: Tensor, b: Tensor, g: Tensor, backend: str, activation: str = "identity"):
     """spmm, spmm_t and sddmm of one weight, on ``backend``."""
-    v, p, f = sw.values.detach(), sw.pattern, sw.format
-    return (registry.spmm(x, v, p, b, f, activation, backend), registry.spmm_t(g, v, p, f, backend),
-            registry.sddmm(g, x, p, f, backend))
+    v, p = sw.values.detach(), sw.pattern
+    with use_backend(backend, "cuda"):
+        return spmm(x, v, p, b, activation), spmm_t(g, v, p), sddmm(g, x, p)
 
 
 def _reference_ops(sw: SparseWeight, x: Tensor, b: Tensor, g: Tensor, dtype: torch.dtype, activation: str = "identity"):
-    v, p, f = sw.values.detach().to(dtype), sw.pattern, sw.format
+    v, p = sw.values.detach().to(dtype), sw.pattern
     x, b, g = x.to(dtype), b.to(dtype), g.to(dtype)
-    return (reference.spmm(x, v, p, b, f, activation), reference.spmm_t(g, v, p, f), reference.sddmm(g, x, p, f))
+    return reference.spmm(x, v, p, b, activation), reference.spmm_t(g, v, p), reference.sddmm(g, x, p)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -93,7 +93,7 @@ def test_sparse_linear_float32_matches_reference(fmt: str, shape: Shape, backend
     x64 = x.detach().double().requires_grad_()
     v64 = layer.sparse.values.detach().double().requires_grad_()
     b64 = b.double().requires_grad_()
-    y64 = reference.spmm(x64.reshape(-1, shape.inp), v64, layer.sparse.pattern, b64, fmt, "tanh").reshape(y.shape)
+    y64 = reference.spmm(x64.reshape(-1, shape.inp), v64, layer.sparse.pattern, b64, "tanh").reshape(y.shape)
     (y64 * gy.double()).sum().backward()
     for got, want in ((y, y64), (x.grad, x64.grad), (layer.sparse.values.grad, v64.grad), (layer.bias.grad, b64.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
@@ -116,14 +116,15 @@ def test_half_precision_within_twice_torch_error(fmt: str, shape: Shape, dtype: 
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("activation", registry.ACTIVATIONS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("fmt,shape", [CASES[0], CASES[3], CASES[6]], ids=[IDS[0], IDS[3], IDS[6]])
 def test_fused_epilogue(fmt: str, shape: Shape, activation: str, backend: str) -> None:
     _skip(backend, fmt)
     sw, x, b = _inputs(fmt, shape, torch.float32)
     x = 4 * x
-    y = registry.spmm(x, sw.values.detach(), sw.pattern, b, fmt, activation, backend)
-    y64 = reference.spmm(x.double(), sw.values.double(), sw.pattern, b.double(), fmt, activation)
+    with use_backend(backend, "cuda"):
+        y = spmm(x, sw.values.detach(), sw.pattern, b, activation)
+    y64 = reference.spmm(x.double(), sw.values.double(), sw.pattern, b.double(), activation)
     torch.testing.assert_close(y.double(), y64, atol=1e-4, rtol=1e-4)
 
 
@@ -134,8 +135,9 @@ def test_nonfinite_inputs_propagate_like_dense(fmt: str, shape: Shape, backend: 
     sw, x, b = _inputs(fmt, shape, torch.float32)
     x[1, 3] = float("inf")
     x[4, -1] = float("nan")
-    y = registry.spmm(x, sw.values.detach(), sw.pattern, b, fmt, "identity", backend)
-    ref = reference.spmm(x, sw.values.detach(), sw.pattern, b, fmt)
+    with use_backend(backend, "cuda"):
+        y = spmm(x, sw.values.detach(), sw.pattern, b)
+    ref = reference.spmm(x, sw.values.detach(), sw.pattern, b)
     assert torch.equal(y.isnan(), ref.isnan())
     assert torch.equal(y.isinf(), ref.isinf())
     finite = ref.isfinite()
@@ -167,9 +169,10 @@ def test_long_batch_sddmm_over_few_blocks(fmt: str, dtype: torch.dtype, backend:
     shape = Shape((8192,), 64, 64, 0.3, (16, 16))
     sw, x, b = _inputs(fmt, shape, dtype)
     g = torch.randn(x.shape[0], shape.out, device="cuda", dtype=dtype)
-    out = registry.sddmm(g, x, sw.pattern, fmt, backend)
-    exact = reference.sddmm(g.double(), x.double(), sw.pattern, fmt)
-    plain = reference.sddmm(g, x, sw.pattern, fmt)
+    with use_backend(backend, "cuda"):
+        out = sddmm(g, x, sw.pattern)
+    exact = reference.sddmm(g.double(), x.double(), sw.pattern)
+    plain = reference.sddmm(g, x, sw.pattern)
     err, err_torch = (out.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
     assert err <= 2 * err_torch + 1e-4, (err, err_torch)
 
@@ -182,10 +185,9 @@ def test_opcheck_on_gpu(fmt: str, shape: Shape, backend: str) -> None:
     values = sw.values.detach().clone().requires_grad_()
     x.requires_grad_()
     g = torch.randn(6, shape.out, device="cuda", requires_grad=True)
-    ops = torch.ops.sparseode
-    torch.library.opcheck(ops.spmm.default, (x, values, sw.pattern, b, fmt, "tanh", backend))
-    torch.library.opcheck(ops.spmm_t.default, (g, values, sw.pattern, fmt, backend))
-    torch.library.opcheck(ops.sddmm.default, (g, x, sw.pattern, fmt, backend))
+    with use_backend(backend, "cuda"):
+        for args in opcheck_cases(fmt, x, values, sw.pattern, b, g):
+            torch.library.opcheck(*args)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -197,13 +199,13 @@ def test_compiled_reduce_overhead(fmt: str, backend: str) -> None:
     torch._dynamo.reset()
     lin = nn.Linear(128, 128, device="cuda")
     mask = make_mask(Shape((1,), 128, 128, 0.2, (16, 16))).cuda()
-    layer = SparseLinear.from_dense(lin, mask, format=fmt, backend=backend, block=(16, 16), activation="tanh")
+    layer = SparseLinear.from_dense(lin, mask, format=fmt, block=(16, 16), activation="tanh")
     step = torch.compile(layer, mode="reduce-overhead")
-    with torch.no_grad():
+    with torch.no_grad(), use_backend(backend, "cuda"):
         for _ in range(4):  # warm-up, capture, replays
             x = torch.randn(512, 128, device="cuda")
             y = step(x).clone()
             torch.testing.assert_close(y, layer(x), atol=1e-5, rtol=1e-5)
             ref = reference.spmm(x.double(), layer.sparse.values.double(), layer.sparse.pattern,
-                                 layer.bias.double(), fmt, "tanh")
+                                 layer.bias.double(), "tanh")
             torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sparseode.nn.sparse_linear import SparseLinear
-from sparseode.ops import reference, registry
-from sparseode.ops.formats import SparseWeight
+from sparseode.ops import ACTIVATIONS, reference, sddmm, spmm_t, use_backend
 from sparseode.testing import TOLERANCES, Shape, backend_skip_reason, make_case
 
 pytestmark = [
@@ -65,7 +64,7 @@ def _check_against_reference(layer: SparseLinear, x: Tensor, atol: float = ATOL,
     x64 = x.detach().double().requires_grad_()
     v64 = sw.values.detach().double().requires_grad_()
     b64 = layer.bias.detach().double().requires_grad_() if layer.bias is not None else None
-    y64 = reference.spmm(x64.reshape(-1, layer.in_features), v64, sw.pattern, b64, sw.format, layer.activation)
+    y64 = reference.spmm(x64.reshape(-1, layer.in_features), v64, sw.pattern, b64, layer.activation)
     y64 = y64.reshape(y.shape)
     (y64 * gy.double()).sum().backward()
 
@@ -83,14 +82,14 @@ def test_forward_and_gradients_match_reference(fmt: str, shape: Shape) -> None:
 
 
 @pytest.mark.parametrize("fmt", ("masked", "csr", "bsr"))
-@pytest.mark.parametrize("activation", registry.ACTIVATIONS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fused_bias_and_activation_epilogue(fmt: str, activation: str) -> None:
     layer, x = _layer(fmt, FORMAT_SHAPES[fmt], activation=activation)
     x = 4 * x  # reach the saturating parts of tanh/sigmoid and both sides of relu/elu
     with torch.no_grad():
         y = layer(x)
         y64 = reference.spmm(x.double(), layer.sparse.values.double(), layer.sparse.pattern,
-                             layer.bias.double(), fmt, activation)
+                             layer.bias.double(), activation)
     torch.testing.assert_close(y.double(), y64, atol=ATOL, rtol=RTOL)
 
 
@@ -118,8 +117,9 @@ def test_nonfinite_values_propagate_like_the_dense_product(fmt: str) -> None:
     g[2, 0] = float("inf")
     g[5, -2] = float("nan")
     with torch.no_grad():
-        pairs = [(layer(x), reference.spmm(x, sw.values, sw.pattern, layer.bias, fmt)),
-                 (registry.spmm_t(g, sw.values, sw.pattern, fmt, "triton"), reference.spmm_t(g, sw.values, sw.pattern, fmt))]
+        with use_backend("triton", "cpu"):
+            pairs = [(layer(x), reference.spmm(x, sw.values, sw.pattern, layer.bias)),
+                     (spmm_t(g, sw.values, sw.pattern), reference.spmm_t(g, sw.values, sw.pattern))]
     for out, ref in pairs:
         assert torch.equal(out.isnan(), ref.isnan())
         assert torch.equal(out.isinf(), ref.isinf())
@@ -136,8 +136,8 @@ def test_other_dtypes_forward(fmt: str, dtype: torch.dtype) -> None:
     sw = layer.sparse
     with torch.no_grad():
         y = layer(x)
-        y64 = reference.spmm(x.double(), sw.values.double(), sw.pattern, layer.bias.double(), fmt, "tanh")
-        plain = reference.spmm(x, sw.values, sw.pattern, layer.bias, fmt, "tanh")
+        y64 = reference.spmm(x.double(), sw.values.double(), sw.pattern, layer.bias.double(), "tanh")
+        plain = reference.spmm(x, sw.values, sw.pattern, layer.bias, "tanh")
     assert y.dtype == dtype
     if dtype == torch.float64:
         torch.testing.assert_close(y, y64, atol=1e-12, rtol=1e-12)
@@ -155,8 +155,9 @@ def test_split_batch_sddmm(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     layer, x = _layer(fmt, FORMAT_SHAPES[fmt])
     sw = layer.sparse
     a = torch.randn(x.shape[0], layer.out_features)
-    out = registry.sddmm(a, x, sw.pattern, fmt, "triton")
-    torch.testing.assert_close(out, reference.sddmm(a, x, sw.pattern, fmt), atol=ATOL, rtol=RTOL)
+    with use_backend("triton", "cpu"):
+        out = sddmm(a, x, sw.pattern)
+    torch.testing.assert_close(out, reference.sddmm(a, x, sw.pattern), atol=ATOL, rtol=RTOL)
 
 
 def test_masked_occupancy_follows_in_place_mask_changes() -> None:
@@ -171,23 +172,9 @@ def test_masked_occupancy_follows_in_place_mask_changes() -> None:
         mask[r * 32 + 5, c * 32 + 7] = True  # revive one weight in an empty tile
         layer.sparse.values[r * 32 + 5, c * 32 + 7] = 3.0
         after = layer(x)
-        ref = reference.spmm(x, layer.sparse.values, layer.sparse.pattern, layer.bias, "masked")
+        ref = reference.spmm(x, layer.sparse.values, layer.sparse.pattern, layer.bias)
     torch.testing.assert_close(after, ref, atol=ATOL, rtol=RTOL)
     assert not torch.allclose(before, after)
-
-
-@pytest.mark.parametrize("fmt", ("masked", "csr", "bsr"))
-def test_opcheck(fmt: str) -> None:
-    shape = FORMAT_SHAPES[fmt]
-    x, w, mask, b = make_case(Shape((6,), shape.out, shape.inp, shape.density, shape.block, shape.kind))
-    sw = SparseWeight.from_dense(w, mask, format=fmt, block=shape.block if fmt == "bsr" else (16, 16))
-    values = sw.values.detach().clone().requires_grad_()
-    x.requires_grad_()
-    g = torch.randn(6, shape.out, requires_grad=True)
-    ops = torch.ops.sparseode
-    torch.library.opcheck(ops.spmm.default, (x, values, sw.pattern, b, fmt, "tanh", "triton"))
-    torch.library.opcheck(ops.spmm_t.default, (g, values, sw.pattern, fmt, "triton"))
-    torch.library.opcheck(ops.sddmm.default, (g, x, sw.pattern, fmt, "triton"))
 
 
 # --- the backend object -------------------------------------------------------------------------
@@ -217,7 +204,7 @@ def test_unsupported_dtype_is_a_clear_error() -> None:
 def test_interpreter_runs_one_fixed_config_and_never_autotunes() -> None:
     from sparseode.kernels import epilogue, tuning
 
-    assert epilogue.ACTIVATIONS == registry.ACTIVATIONS  # the codes the kernels are compiled with
+    assert epilogue.ACTIVATIONS == ACTIVATIONS  # the codes the kernels are compiled with
     for name in ("block_spmm", "block_sddmm", "csr_spmm", "csr_sddmm"):
         launcher = tuning.launcher(name)
         assert launcher.tuned is None and launcher.fixed is not None

@@ -1,0 +1,186 @@
+"""The ``torch.library`` ops of every format and primitive: ``sparseode::<format>_<primitive>``
+(``csr_spmm``, ``bsr_sddmm``, ``masked_spmm_t``, ...), with their fake kernels, autograd formulas
+and the pure-PyTorch reference as the fallback kernel (CompositeExplicitAutograd).
+
+The schemas are declared in csrc/ops.cpp; :data:`SCHEMAS` states the same strings (built from the
+pattern types' fields, the order the ops take the pattern tensors in), and defines the ops from
+Python when ``sparseode._C`` is not built, so that both cases have the same ops. A test checks
+that the two agree. Compiled kernels are registered per dispatch key beside their sources
+(csrc/cpu/register_cpu.cpp, csrc/cuda); other backends (Triton, the reference on a device that has
+compiled kernels) are switched in by ``sparseode.ops.select``.
+
+Every backward is written with the ops themselves, so second derivatives (CNF training through a
+vector-Jacobian product) work on every backend:
+
+* ``spmm``    y = act(x W^T + b):  dx = spmm_t(dy', W), dW = sddmm(dy', x), db = sum(dy'),
+  with dy' = dy * act'(y); ``spmm_fm`` the same, feature-major, act' on the first act_cols columns
+* ``spmm_t``  z = g W:             dg = spmm(dz, W),     dW = sddmm(g, dz)
+* ``sddmm``   v = P o (a^T c):     da = spmm(c, V),      dc = spmm_t(a, V), V the weight of dv
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from sparseode.ops import extension, reference, select
+from sparseode.ops.handlers import FORMAT_HANDLERS, PRIMITIVES, FormatHandler
+
+ACTIVATIONS: tuple[str, ...] = tuple(reference.ACTIVATION_FNS)
+_ACT_GRAD = reference.ACTIVATION_GRADS_FROM_OUTPUT
+
+
+def _signature(h: FormatHandler, primitive: str) -> str:
+    pattern = ", ".join(f"Tensor {name}" for name in h.pattern_type._fields)
+    return {
+        "spmm": f"(Tensor x, Tensor values, {pattern}, Tensor? bias, str activation) -> Tensor",
+        "spmm_fm": f"(Tensor xT, Tensor values, {pattern}, Tensor? bias, str activation, int act_cols) -> Tensor",
+        "spmm_t": f"(Tensor g, Tensor values, {pattern}) -> Tensor",
+        "sddmm": f"(Tensor a, Tensor c, {pattern}) -> Tensor",
+    }[primitive]
+
+
+SCHEMAS: dict[str, str] = {h.op_name(p): h.op_name(p) + _signature(h, p) for h in FORMAT_HANDLERS.values() for p in PRIMITIVES}
+
+
+# --- reference kernels on the ops' flat arguments -------------------------------------------------
+def reference_kernels(h: FormatHandler) -> dict[str, Callable]:
+    """op name -> the reference taking the op's flat arguments (pattern tensors in field order)."""
+    n, typed = len(h.pattern_type._fields), h.pattern_type
+
+    def spmm(x, values, *rest):
+        return reference.spmm(x, values, typed(*rest[:n]), *rest[n:])
+
+    def spmm_fm(xT, values, *rest):
+        return reference.spmm_fm(xT, values, typed(*rest[:n]), *rest[n:])
+
+    def spmm_t(g, values, *pattern):
+        return reference.spmm_t(g, values, typed(*pattern))
+
+    def sddmm(a, c, *pattern):
+        return reference.sddmm(a, c, typed(*pattern))
+
+    return {h.op_name("spmm"): spmm, h.op_name("spmm_fm"): spmm_fm, h.op_name("spmm_t"): spmm_t,
+            h.op_name("sddmm"): sddmm}
+
+
+# --- fake kernels ---------------------------------------------------------------------------------
+def _fakes(h: FormatHandler) -> dict[str, Callable]:
+    n, typed = len(h.pattern_type._fields), h.pattern_type
+
+    def spmm(x, values, *rest):
+        return x.new_empty((x.shape[0], h.shape(typed(*rest[:n]))[0]))
+
+    def spmm_fm(xT, values, *rest):
+        return xT.new_empty((h.shape(typed(*rest[:n]))[0], xT.shape[1]))
+
+    def spmm_t(g, values, *pattern):
+        return g.new_empty((g.shape[0], h.shape(typed(*pattern))[1]))
+
+    def sddmm(a, c, *pattern):
+        return a.new_empty(h.values_shape(typed(*pattern)))
+
+    return {h.op_name("spmm"): spmm, h.op_name("spmm_fm"): spmm_fm, h.op_name("spmm_t"): spmm_t,
+            h.op_name("sddmm"): sddmm}
+
+
+# --- autograd -------------------------------------------------------------------------------------
+def _register_autograd(h: FormatHandler, ops: dict[str, torch._ops.OpOverload]) -> None:
+    n = len(h.pattern_type._fields)
+    spmm, spmm_t, sddmm = ops[h.op_name("spmm")], ops[h.op_name("spmm_t")], ops[h.op_name("sddmm")]
+    none = (None,) * n
+
+    def setup_spmm(ctx, inputs, output):
+        x, values, *rest = inputs
+        pattern, (bias, activation, *act_cols) = rest[:n], rest[n:]
+        keep = _ACT_GRAD[activation] is not None
+        ctx.save_for_backward(x, values, output if keep else None, *pattern)
+        ctx.activation, ctx.act_cols = activation, act_cols[0] if act_cols else None
+        ctx.backend = select.active(x.device.type)
+
+    def spmm_backward(ctx, grad):
+        x, values, y, *pattern = ctx.saved_tensors
+        need_x, need_values, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2 + n]
+        act_grad = _ACT_GRAD[ctx.activation]
+        with select.using(ctx.backend, x.device.type):
+            if ctx.act_cols is None:  # batch-major (B, N)
+                grad = grad * act_grad(y) if act_grad is not None else grad
+                gx = spmm_t(grad, values, *pattern) if need_x else None
+                gv = sddmm(grad, x, *pattern) if need_values else None
+                gb = grad.sum(0) if need_bias else None
+                return gx, gv, *none, gb, None
+            k = ctx.act_cols  # feature-major (N, B), act' on the first k columns only
+            if act_grad is not None and k:
+                grad = torch.cat([grad[:, :k] * act_grad(y[:, :k]), grad[:, k:]], dim=1)
+            gx = spmm_t(grad.t(), values, *pattern).t() if need_x else None
+            gv = sddmm(grad.t(), x.t(), *pattern) if need_values else None
+            gb = grad[:, :k].sum(1) if need_bias else None
+            return gx, gv, *none, gb, None, None
+
+    def setup_pair(ctx, inputs, output):
+        first, second, *pattern = inputs
+        ctx.save_for_backward(first, second, *pattern)
+        ctx.backend = select.active(first.device.type)
+
+    def spmm_t_backward(ctx, grad):
+        g, values, *pattern = ctx.saved_tensors
+        with select.using(ctx.backend, g.device.type):
+            gg = spmm(grad, values, *pattern, None, "identity") if ctx.needs_input_grad[0] else None
+            gv = sddmm(g, grad, *pattern) if ctx.needs_input_grad[1] else None
+        return gg, gv, *none
+
+    def sddmm_backward(ctx, grad):
+        a, c, *pattern = ctx.saved_tensors
+        with select.using(ctx.backend, a.device.type):
+            ga = spmm(c, grad, *pattern, None, "identity") if ctx.needs_input_grad[0] else None
+            gc = spmm_t(a, grad, *pattern) if ctx.needs_input_grad[1] else None
+        return ga, gc, *none
+
+    for prim, backward, setup in (("spmm", spmm_backward, setup_spmm), ("spmm_fm", spmm_backward, setup_spmm),
+                                  ("spmm_t", spmm_t_backward, setup_pair), ("sddmm", sddmm_backward, setup_pair)):
+        torch.library.register_autograd(f"sparseode::{h.op_name(prim)}", backward, setup_context=setup)
+
+
+# --- definition and registration (once, at import) ------------------------------------------------
+def _define() -> tuple[torch.library.Library, dict[str, torch._ops.OpOverload]]:
+    """Define the ops that sparseode._C did not, check those it did, register the reference,
+    fakes and autograd. Returns the library (kept alive) and op name -> OpOverload."""
+    extension.load()
+    lib = torch.library.Library("sparseode", "FRAGMENT")
+    for name, schema in SCHEMAS.items():
+        if hasattr(torch.ops.sparseode, name):
+            built = str(getattr(torch.ops.sparseode, name).default._schema)
+            if built != f"sparseode::{schema}":
+                raise RuntimeError(f"sparseode._C declares {built}, this package expects sparseode::{schema}: "
+                                   "the extension is stale, rebuild it (pip install --no-build-isolation -e .)")
+        else:
+            lib.define(schema)
+    ops = {name: getattr(torch.ops.sparseode, name).default for name in SCHEMAS}
+    for h in FORMAT_HANDLERS.values():
+        for name, fn in reference_kernels(h).items():
+            lib.impl(name, fn, "CompositeExplicitAutograd")
+        for name, fn in _fakes(h).items():
+            torch.library.register_fake(f"sparseode::{name}", fn, lib=lib)
+        _register_autograd(h, ops)
+    return lib, ops
+
+
+_LIB, OPS = _define()
+if torch.cuda.is_available() and select.default("cuda") == "torch":
+    from sparseode.ops import dispatch
+
+    if dispatch.status("triton").available:  # no compiled CUDA kernels: Triton's are the GPU default
+        select.set_gpu_backend("triton")
+
+
+_BY_FORMAT = {(h.name, p): OPS[h.op_name(p)] for h in FORMAT_HANDLERS.values() for p in PRIMITIVES}
+
+
+def op(fmt: str, primitive: str) -> torch._ops.OpOverload:
+    """The op of ``primitive`` for format ``fmt``."""
+    return _BY_FORMAT[fmt, primitive]
+
+
+def kernel_registered(name: str, dispatch_key: str) -> bool:
+    """True when op ``name`` has a kernel registered directly for ``dispatch_key`` (e.g. "CPU")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseode::{name}", dispatch_key)
+
