@@ -195,7 +195,13 @@ class CNF(nn.Module):
     def _flow_with_trace(self, field: nn.Module, x: Tensor, t0: float, t1: float) -> tuple[Tensor, Tensor]:
         """Integrate ``(x, 0)`` from t0 to t1; return ``(x(t1), ∫_{t0}^{t1} -tr dt)``."""
         trace_fn = TRACES[self.trace]
-        if self.inference_trace == "forward" and not torch.is_grad_enabled() and supports_forward_mode(field):
+        # a field with a fused op (sparseode.nn.fused_field) runs the forward-mode trace in one call per
+        # evaluation with its own backward: training is a forward solve plus one reverse pass
+        fused = getattr(field, "fused_trace", None)
+        fused = fused(self.trace, x) if fused is not None else None
+        if fused is not None and (torch.is_grad_enabled() or self.inference_trace == "forward"):
+            trace_fn = fused
+        elif self.inference_trace == "forward" and not torch.is_grad_enabled() and supports_forward_mode(field):
             trace_fn = FORWARD_TRACES[self.trace]
         # one probe per solve, kept on the object; the closure holds its own reference so an
         # adjoint backward pass reuses this solve's probe even after later solves replaced _noise

@@ -101,6 +101,10 @@ class SparseMLPField(nn.Module):
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (..., {self.dim}), got {tuple(x.shape)}")
+        from sparseode.nn import fused_field  # imports this module
+        fused = fused_field.fused_forward(self, t, x)  # every layer in one op call, where it can run
+        if fused is not None:
+            return fused
         if torch.as_tensor(t).numel() == 1:
             if not torch.is_grad_enabled() and x.dim() == 2:
                 return forward_with_tangents(self, t, x, None)[0]  # feature-major inference path
@@ -111,6 +115,13 @@ class SparseMLPField(nn.Module):
             h = layer(h) if self.time is None else layer(t, h)
             h = act(h) if i < last else h
         return h
+
+    def fused_trace(self, trace: str, like: Tensor) -> Callable | None:
+        """The CNF dynamics ``fn(field, t, x, noise) -> (dx, -trace)`` through the fused field op
+        (forward-mode trace, hand-written backward) for states like ``like``, or None where it
+        cannot run (see ``sparseode.nn.fused_field``)."""
+        from sparseode.nn import fused_field
+        return fused_field.fused_trace(trace) if fused_field.can_run(self, like) else None
 
     def to_dense(self) -> MLPVectorField:
         """The equivalent ``MLPVectorField`` (layers shared, folded concat layers unfolded)."""
