@@ -1,7 +1,7 @@
 """README.md's code runs as written.
 
 Every ```python block of README.md runs, verbatim and on its own, in a fresh interpreter (a
-temporary working directory, one thread). Every ```bash block runs at the repository root unless
+temporary working directory, one thread). Every ```bash block runs (in a temporary directory too) unless
 the line right above it (HTML comments may be stacked) says
 ``<!-- readme-test: skip (why) -->``; such a marker must give a reason and may only stand before
 a bash block (Python examples are never skipped: keep them small enough to run in seconds). An
@@ -117,4 +117,4 @@ def test_bash_block_runs(block, tmp_path):
     unsafe = UNSAFE.search(block.code)
     assert unsafe is None, (f"README.md line {block.line}: a block that runs {unsafe.group(0)!r} must be "
                             "marked <!-- readme-test: skip (why) -->")
-    _run(["bash", "-e", "-o", "pipefail", "-c", block.code], ROOT, tmp_path, block)
+    _run(["bash", "-e", "-o", "pipefail", "-c", block.code], tmp_path, tmp_path, block)
