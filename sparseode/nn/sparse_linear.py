@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sparseode.ops import dispatch, library, select
+from sparseode.ops import dispatch, library, reference, select
 from sparseode.ops.formats import SparseWeight
 from sparseode.pruned import effective, kept_mask
 
@@ -18,9 +18,10 @@ class SparseLinear(nn.Module):
 
     ``backend="auto"`` runs on the backend selected for the input's device
     (``sparseode.ops.set_backend`` / ``set_gpu_backend``; by default the compiled kernels, "cpu"
-    on the CPU). Another name pins this layer to that backend: its calls (and their backward)
-    switch the device's setting to it and back, which costs registration work per call, so pin
-    only to compare backends; "torch" is the pure-PyTorch reference.
+    on the CPU). "torch" runs the pure-PyTorch reference (sparseode.ops.reference) directly.
+    Another name pins this layer to that backend: while another is active on the device, its
+    calls (and their backward) switch the device's setting to it and back, which costs
+    registration work per call, so pin only to compare backends.
     """
 
     def __init__(self, weight: SparseWeight, bias: Tensor | None = None, backend: str = "auto",
@@ -87,8 +88,9 @@ class SparseLinear(nn.Module):
         return self.fused_linear(x, self._parameters["bias"], self.activation)
 
     def _pinned(self, device_type: str) -> bool:
-        """True when this layer is pinned to a backend other than the one active on the device."""
-        return self.backend != "auto" and select.active(device_type) != self.backend
+        """True when this layer is pinned to a backend other than the one active on the device
+        ("torch" is not: it calls the reference directly)."""
+        return self.backend not in ("auto", "torch") and select.active(device_type) != self.backend
 
     def fused_linear(self, z: Tensor, bias: Tensor | None, activation: str) -> Tensor:
         """act(z W^T + bias) in one kernel call, with a bias other than the layer's own (the vector
@@ -98,6 +100,9 @@ class SparseLinear(nn.Module):
             with select.use_backend(self.backend, z.device.type):
                 return self.fused_linear(z, bias, activation)
         sparse = self._modules["sparse"]
+        if self.backend == "torch":  # the reference, plain differentiable PyTorch
+            y = reference.spmm(z.reshape(-1, self.in_features), sparse.values, sparse.pattern, bias, activation)
+            return y.reshape(*z.shape[:-1], self.out_features)
         spmm = library.op(sparse.format, "spmm")
         if z.dim() == 2:
             return spmm(z, sparse._parameters["values"], *sparse.pattern, bias, activation)
@@ -113,6 +118,8 @@ class SparseLinear(nn.Module):
             with select.use_backend(self.backend, zT.device.type):
                 return self.fused_linear_fm(zT, bias, activation, act_cols)
         sparse = self._modules["sparse"]
+        if self.backend == "torch":
+            return reference.spmm_fm(zT, sparse.values, sparse.pattern, bias, activation, act_cols)
         spmm_fm = library.op(sparse.format, "spmm_fm")
         return spmm_fm(zT, sparse._parameters["values"], *sparse.pattern, bias, activation, act_cols)
 

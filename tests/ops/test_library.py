@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparseode.nn import SparseLinear
-from sparseode.ops import active_backend, library, reference, set_backend, set_gpu_backend, use_backend
+from sparseode.ops import active_backend, library, reference, set_backend, set_gpu_backend, spmm, use_backend
 from sparseode.ops.backend import TORCH
 from sparseode.testing import SHAPES, backend_skip_reason, make_case
 
@@ -79,9 +79,9 @@ def test_set_backend_and_use_backend_switch_and_restore():
     assert active_backend("cpu") == default
 
 
-def test_a_pinned_layer_runs_forward_and_backward_on_its_backend(monkeypatch):
-    """A layer pinned to the reference while the C++ kernels are active: every op of its forward
-    and backward (spmm, then spmm_t and sddmm) runs on the reference kernels."""
+def test_backward_runs_on_the_backend_that_ran_the_forward(monkeypatch):
+    """A forward under use_backend("torch") while the C++ kernels are the default: its backward,
+    run after the block, calls the reference kernels too (spmm_t, then sddmm)."""
     if backend_skip_reason("cpu"):
         pytest.skip(backend_skip_reason("cpu"))
     calls = []
@@ -92,13 +92,15 @@ def test_a_pinned_layer_runs_forward_and_backward_on_its_backend(monkeypatch):
 
     monkeypatch.setattr(TORCH, "kernels", lambda: {n: counted(n, f) for n, f in kernels.items()})
     x, w, mask, b = make_case(SHAPES[3])
-    layer = SparseLinear.from_dense(torch.nn.Linear(w.shape[1], w.shape[0]), mask, format="csr", backend="torch")
+    sw = SparseLinear.from_dense(torch.nn.Linear(w.shape[1], w.shape[0]), mask, format="csr").sparse
     x.requires_grad_()
-    layer(x).sum().backward()
+    with use_backend("torch", "cpu"):
+        y = spmm(x, sw.values, sw.pattern)
     assert active_backend("cpu") == "cpu"
+    y.sum().backward()
     assert calls == ["csr_spmm", "csr_spmm_t", "csr_sddmm"]
     calls.clear()
-    SparseLinear(layer.sparse, layer.bias, backend="auto")(x).sum().backward()
+    spmm(x, sw.values, sw.pattern).sum().backward()
     assert calls == []  # the default C++ kernels
 
 
