@@ -92,7 +92,7 @@ class Batches:
         h = hashlib.sha256()
         for t in self.tensors:
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(distributed.tensor_bytes(t))
         return "tensors", len(self), h.hexdigest()
 
     def set_epoch(self, epoch: int) -> None:

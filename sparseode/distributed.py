@@ -34,9 +34,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
-    "init", "is_distributed", "rank", "world_size", "is_main", "backend_for", "shard", "check_divides",
-    "model_fingerprint", "check_same", "check_same_model", "broadcast_object", "broadcast_masks", "check_same_masks",
-    "collective", "mean_over_ranks", "sum_over_ranks", "any_rank", "barrier", "sparsify",
+    "init", "shutdown", "is_distributed", "rank", "world_size", "is_main", "backend_for", "shard",
+    "check_divides", "model_fingerprint", "tensor_bytes", "check_same", "check_same_model",
+    "broadcast_object", "broadcast_masks", "check_same_masks", "collective", "mean_over_ranks",
+    "sum_over_ranks", "any_rank", "barrier", "sparsify",
 ]
 
 
@@ -83,14 +84,10 @@ def init(device: torch.device | str | None = None, timeout_s: float = 300.0) -> 
     return True
 
 
-def local_device(device: torch.device | str | None) -> torch.device | None:
-    """``device`` with a CUDA device bound to this process's ``LOCAL_RANK`` under torchrun."""
-    if device is None:
-        return None
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and is_distributed():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+def shutdown() -> None:
+    """Leave the process group (no-op without one)."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def shard(n: int) -> tuple[int, int]:
@@ -116,8 +113,13 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         t = t.detach()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(tensor_bytes(t))
     return h.hexdigest()
+
+
+def tensor_bytes(t: Tensor) -> bytes:
+    """The raw bytes of a tensor's values (any dtype, 0-d included), for hashing."""
+    return t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -180,7 +182,7 @@ def _pattern_digest(model: nn.Module) -> str:
             h.update(f"{name}:{type(mod.weight).__name__}".encode())
             for bname, b in mod.named_buffers():
                 h.update(bname.encode())
-                h.update(b.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(tensor_bytes(b))
     return h.hexdigest()
 
 

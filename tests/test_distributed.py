@@ -177,6 +177,22 @@ def data_disagree() -> str:
     return "no error"
 
 
+def masks_disagree() -> dict:
+    """Ranks prune differently: the check says so, and rank 0's masks broadcast repair it."""
+    model = tiny_cnf()
+    layer = model.field.layers[0]
+    torch_prune.custom_from_mask(layer, "weight", torch.rand(layer.weight.shape,
+                                                             generator=torch.Generator().manual_seed(distributed.rank())) > 0.5)
+    try:
+        distributed.check_same_masks(model, "in the test")
+        caught = "no error"
+    except RuntimeError as e:
+        caught = str(e)
+    distributed.broadcast_masks(model)
+    distributed.check_same_masks(model, "after the broadcast")
+    return {"caught": caught, "mask": layer.weight_mask.clone()}
+
+
 def auto_sparsify() -> dict:
     torch.set_num_threads(1 + distributed.rank())  # the ranks would time formats differently
     model = distributed.sparsify(masked_cnf(), format="auto", batch_hint=64)
@@ -207,6 +223,7 @@ SCENARIOS = {
     "bad_batch": lambda out, ref: bad_batch(),
     "models_disagree": lambda out, ref: models_disagree(),
     "data_disagree": lambda out, ref: data_disagree(),
+    "masks_disagree": lambda out, ref: masks_disagree(),
     "auto_sparsify": lambda out, ref: auto_sparsify(),
     "ddp_checkpoint": lambda out, ref: ddp_checkpoint(out),
 }
@@ -368,6 +385,15 @@ def test_ranks_holding_different_tensor_data_fail_at_the_start(ranks):
     for e in errors(ranks, "data_disagree"):
         assert e.startswith("RuntimeError") and "ranks disagree on the fit arguments and data" in e
         assert "DistributedSampler" in e
+
+
+def test_the_pattern_check_catches_ranks_with_different_masks_and_the_broadcast_repairs_them(ranks):
+    r0, r1 = ok(ranks, "masks_disagree")
+    for r in (r0, r1):
+        assert "ranks disagree on the pruning pattern in the test: rank(s) [1]" in r["caught"]
+    assert torch.equal(r0["mask"], r1["mask"])
+    expected = torch.rand(r0["mask"].shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.equal(r1["mask"].bool(), expected)  # rank 0's
 
 
 def test_helpers_are_single_process_no_ops():
