@@ -100,6 +100,7 @@ def _setup(ctx, inputs, output):
     saved = list(output[2]) if save else []
     ctx.n_saved = len(saved)
     ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved products
     ctx.save_for_backward(z, probe, *weights, *patterns, *(s for s in scales if s is not None),
                           *(c for c in shifts if c is not None), *saved)
 
@@ -162,18 +163,14 @@ def _panel(states: Tensor, tangents: Tensor | None) -> Tensor:
     return torch.cat([states, tangents.reshape(states.shape[0], -1)], dim=1)
 
 
-def _split(panel: Tensor, B: int, m: int) -> tuple[Tensor, Tensor | None]:
-    states = panel[:, :B]
-    return states, (panel[:, B:].reshape(panel.shape[0], m, B) if m else None)
-
-
 def _hidden_states(z, probe, scales, shifts, saved, activation, trace):
-    """Recompute, per hidden layer, what the backward needs from the saved products."""
+    """Recompute, per hidden layer, what the backward needs from the saved products: the input
+    panels [h | T] (K, 1 + m, B) of every layer (the first: z and the probe, or None) and, per
+    hidden layer, (u, v, act', act'', Tpre)."""
     B, d = z.shape
     m = _tangent_count(trace, d)
-    h_in = [z.t()]
-    t_in = [probe.t().reshape(d, 1, B) if trace == 2 else None]  # exact: unit vectors, implicit
-    cache = []
+    first = torch.cat([z.t(), probe.t()], 1).reshape(d, 2, B) if trace == 2 else None
+    panels, cache = [first], []
     for i in range(len(saved) - 1):
         u, v = saved[i][:, 0], (saved[i][:, 1:] if m else None)
         s, c = scales[i], shifts[i]
@@ -182,9 +179,12 @@ def _hidden_states(z, probe, scales, shifts, saved, activation, trace):
         y, d1, d2 = _act_derivatives(activation, pre)
         tpre = (v * s[:, None, None] if s is not None else v) if m else None
         cache.append((u, v, d1, d2, tpre))
-        h_in.append(y)
-        t_in.append(tpre * d1[:, None, :] if m else None)
-    return h_in, t_in, cache
+        panel = u.new_empty((u.shape[0], 1 + m, B))  # written in place: no concatenation
+        panel[:, 0].copy_(y)
+        if m:
+            torch.mul(tpre, d1[:, None, :], out=panel[:, 1:])
+        panels.append(panel)
+    return panels, cache
 
 
 def _last_layer_adjoints(z, probe, scale, saved_last, gf, gtr, trace):
@@ -210,6 +210,26 @@ def _last_layer_adjoints(z, probe, scale, saved_last, gf, gtr, trace):
     return gpre * sv[:, None], gv, gs, gpre.sum(1), gprobe
 
 
+def _hidden_adjoints(gh, gt, cache_entry, scale, has_shift):
+    """The adjoint panel [gu | gV] (N, 1 + m', B) of a hidden layer from the adjoints gh (N, B) and
+    gT (N, m, B) or None of its outputs, with the layer's (gs, gc)."""
+    u, v, d1, d2, tpre = cache_entry
+    a = gh.new_empty((gh.shape[0], 1 + (gt.shape[1] if gt is not None else 0), gh.shape[1]))
+    gpre = a[:, 0]
+    torch.mul(gh, d1, out=gpre)
+    gtpre = None
+    if gt is not None:
+        gtpre = a[:, 1:]
+        torch.mul(gt, d1[:, None, :], out=gtpre)
+        gpre.addcmul_(d2, (gt * tpre).sum(1))
+    gc = gpre.sum(1) if has_shift else None
+    gs = None
+    if scale is not None:
+        gs = (gpre * u).sum(1) + ((gtpre * v).sum((1, 2)) if gtpre is not None else 0)
+        a.mul_(scale[:, None, None])  # gu = s gpre, gV = s gTpre
+    return a, gs, gc
+
+
 def _backward(ctx, gf, gtr, _gsaved):
     z, probe, weights, patterns, scales, shifts, saved = _unpack(ctx)
     activation, trace = ctx.activation, ctx.trace
@@ -220,42 +240,37 @@ def _backward(ctx, gf, gtr, _gsaved):
     B, d = z.shape
     m = _tangent_count(trace, d)
     layers = _layers(weights, patterns)
-    h_in, t_in, cache = _hidden_states(z, probe, scales, shifts, saved, activation, trace)
+    panels, cache = _hidden_states(z, probe, scales, shifts, saved, activation, trace)
     L = len(layers)
     g_w, g_s, g_c = [None] * L, [None] * L, [None] * L
     gu, gv, g_s[-1], gc_last, gprobe = _last_layer_adjoints(z, probe, scales[-1], saved[-1], gf, gtr, trace)
     g_c[-1] = gc_last if shifts[-1] is not None else None
+    a = _panel(gu, gv)  # (N, (1 + m') B), m' = m when the trace term has a gradient, else 0
+    mm = m if gv is not None else 0
+    gz = None
     for i in range(L - 1, -1, -1):
-        a = _panel(gu, gv)
-        first_exact = i == 0 and trace == 1
-        t_here = t_in[i] if gv is not None and not first_exact else None
-        c = _panel(h_in[i], t_here)
-        if gv is not None and t_here is None:  # only the state columns of a meet their inputs
-            extra = gv.sum(-1) if first_exact else None
-            g_w[i] = layers[i].weight_grad(a[:, :B], c, extra)
-        else:
-            g_w[i] = layers[i].weight_grad(a, c)
-        back = layers[i].transposed_product(a if i > 0 or trace == 2 else a[:, :B])
-        gh, gt = _split(back, B, m if back.shape[1] > B else 0)
+        K = layers[i].weight.shape[1] if layers[i].pattern is None else layers[i].pattern[2].shape[0] - 1
         if i == 0:
-            gz = gh.t()
-            if trace == 2 and gt is not None:
-                gp = gt[:, 0].t()
+            states = z.t()
+            if mm and trace == 1:  # unit-vector tangents: their weight gradient is sum_b gV
+                g_w[0] = layers[0].weight_grad(a[:, :B], states, a[:, B:].reshape(-1, m, B).sum(-1))
+            elif mm:
+                g_w[0] = layers[0].weight_grad(a, panels[0].reshape(d, -1))
+            else:
+                g_w[0] = layers[0].weight_grad(a, states)
+            back = layers[0].transposed_product(a if trace == 2 else a[:, :B])
+            gz = back[:, :B].t()
+            if trace == 2 and mm:
+                gp = back[:, B:].t()
                 gprobe = gp if gprobe is None else gprobe + gp
             break
-        u, v, d1, d2, tpre = cache[i - 1]
-        s = scales[i - 1]
-        gpre = gh * d1
-        gtpre = None
-        if gt is not None:
-            gtpre = gt * d1[:, None, :]
-            gpre = gpre + d2 * (gt * tpre).sum(1)
-        g_c[i - 1] = gpre.sum(1) if shifts[i - 1] is not None else None
-        if s is not None:
-            g_s[i - 1] = (gpre * u).sum(1) + ((gtpre * v).sum((1, 2)) if gtpre is not None else 0)
-            gu, gv = gpre * s[:, None], (gtpre * s[:, None, None] if gtpre is not None else None)
-        else:
-            gu, gv = gpre, gtpre
+        inputs = panels[i].reshape(K, -1) if mm else panels[i][:, 0]
+        g_w[i] = layers[i].weight_grad(a, inputs)
+        back = layers[i].transposed_product(a)
+        gh, gt = back[:, :B], (back[:, B:].reshape(K, mm, B) if mm else None)
+        panel, g_s[i - 1], g_c[i - 1] = _hidden_adjoints(gh, gt, cache[i - 1], scales[i - 1],
+                                                         shifts[i - 1] is not None)
+        a = panel.reshape(K, -1)
     # a list holding None reaches torch.library's autograd as one opaque argument: its gradient is None
     g_s = None if not all(ctx.has_scale) else g_s
     g_c = None if not all(ctx.has_shift) else g_c
