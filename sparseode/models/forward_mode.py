@@ -20,19 +20,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from sparseode.activations import ACTIVATIONS, GRADS_FROM_OUTPUT, derivative
+from sparseode.pruned import effective
 
 from .vector_field import ConcatLinear, ConcatSquashLinear
 
 Matmul = Callable[[Tensor, "Tensor | None", str], Tensor]
 MatmulFM = Callable[[Tensor, "Tensor | None", str, int], Tensor]
-
-
-def effective_weight(linear: nn.Linear) -> Tensor:
-    """The weight ``linear`` multiplies by: ``weight_orig * weight_mask`` when pruned with
-    torch.nn.utils.prune (``linear.weight`` is refreshed only by a forward call), else ``weight``."""
-    if hasattr(linear, "weight_orig") and hasattr(linear, "weight_mask"):
-        return linear.weight_orig * linear.weight_mask
-    return linear.weight
 
 
 def _dense(weight: Tensor) -> Matmul:
@@ -56,7 +49,7 @@ def _linear_kernel(layer: nn.Module, method: str, dense: Callable[[Tensor], Call
     if fused is not None:
         return fused
     if isinstance(layer, nn.Linear):
-        return dense(effective_weight(layer))
+        return dense(effective(layer))
     raise TypeError(f"expected a linear layer, got {type(layer).__name__}")
 
 
@@ -99,7 +92,7 @@ def layer_affine(layer: nn.Module, t: Tensor | float, like: Tensor) -> Affine:
     if own is not None:
         return own(t, like)
     if isinstance(layer, ConcatLinear):
-        weight = effective_weight(layer.linear)
+        weight = effective(layer.linear)
         d = layer.in_features
         shift = weight[:, d] * scalar_time(t, like)
         if layer.linear.bias is not None:

@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
-from sparseode.models.forward_mode import effective_weight
 from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear, MLPVectorField
 from sparseode.nn.autoformat import bsr_storage, choose_format, tiles
 from sparseode.nn.field import FoldedConcatLinear, SparseMLPField
-from sparseode.nn.sparse_linear import SparseLinear, pruning_mask
-from sparseode.ops.layout import FORMATS
+from sparseode.nn.sparse_linear import SparseLinear
+from sparseode.ops.handlers import FORMATS
+from sparseode.pruned import effective, kept_mask
 
 SPARSIFY_FORMATS = ("auto",) + FORMATS
 #: What a layer may become in a plan: a sparse format, or "dense" (left an ``nn.Linear``).
@@ -108,8 +108,8 @@ class _Converter:
         for parent, attr, held_name, layer, linear in _candidates(holder):
             name = held_name[2:] if held_name.startswith("0.") else ""  # the name within the model
             names.add(name)
-            mask = pruning_mask(linear)
-            weight = effective_weight(linear).detach()
+            mask = kept_mask(linear)
+            weight = effective(linear).detach()
             if self.only_specs and name not in self.specs:
                 continue
             if name not in self.specs:
@@ -159,7 +159,7 @@ class _Converter:
         folded = FoldedConcatLinear.from_concat(site.layer, sparse)
         # from_concat hands over an unpruned Linear of the state columns: remember the prune mask,
         # or densify would give back a plain weight that training revives
-        folded.inner.from_pruned = pruning_mask(site.layer.linear) is not None
+        folded.inner.from_pruned = kept_mask(site.layer.linear) is not None
         return folded
 
 

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from sparseode.activations import ACTIVATIONS
 from sparseode.models.forward_mode import (
     Affine,
-    effective_weight,
     field_forward,
     forward_with_tangents,
     linear_matmul,
@@ -21,7 +20,8 @@ from sparseode.models.forward_mode import (
     scalar_time,
 )
 from sparseode.models.vector_field import ConcatLinear, MLPVectorField
-from sparseode.nn.sparse_linear import SparseLinear, pruning_mask
+from sparseode.nn.sparse_linear import SparseLinear
+from sparseode.pruned import effective, kept_mask
 
 
 class FoldedConcatLinear(nn.Module):
@@ -46,8 +46,8 @@ class FoldedConcatLinear(nn.Module):
         over the state columns and the kept mask of those columns (the layer's prune mask, else its
         nonzeros), or returns None to keep the layer as it is, and then so does this."""
         lin = layer.linear
-        weight = effective_weight(lin).detach()
-        mask = pruning_mask(lin)
+        weight = effective(lin).detach()
+        mask = kept_mask(lin)
         mask = weight != 0 if mask is None else mask
         d = layer.in_features
         state = nn.Linear(d, layer.out_features, bias=lin.bias is not None, device=weight.device, dtype=weight.dtype)
@@ -79,7 +79,7 @@ class FoldedConcatLinear(nn.Module):
         layer = ConcatLinear(self.in_features, self.out_features, bias=inner.bias is not None)
         layer = layer.to(device=self.time_weight.device, dtype=self.time_weight.dtype)
         with torch.no_grad():
-            layer.linear.weight.copy_(torch.cat([effective_weight(inner), self.time_term()[:, None]], 1))
+            layer.linear.weight.copy_(torch.cat([effective(inner), self.time_term()[:, None]], 1))
             if inner.bias is not None:
                 layer.linear.bias.copy_(inner.bias)
         return layer
