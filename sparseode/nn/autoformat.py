@@ -25,6 +25,8 @@ from torch.nn import functional as F
 
 from sparseode.ops import dispatch
 from sparseode.ops.formats import SparseWeight
+from sparseode.ops.primitives import spmm
+from sparseode.ops.select import use_backend
 
 _MEMORY: dict[str, dict[str, str]] = {}
 
@@ -134,8 +136,8 @@ def choose_format(weight: Tensor, mask: Tensor, backend: str = "auto", block: tu
         times = {"dense": _best_time(lambda: F.linear(x, w))}
         for fmt in candidates:
             sw = SparseWeight.from_dense(w, mask, format=fmt, block=block)
-            be = dispatch.get(dispatch.resolve(backend, weight.device, fmt))
-            times[fmt] = _best_time(lambda: be.spmm(x, sw.values, sw.pattern, None, fmt, "identity"))
+            with use_backend(dispatch.resolve(backend, weight.device), weight.device.type):
+                times[fmt] = _best_time(lambda: spmm(x, sw.values, sw.pattern))
     choice = min(times, key=times.get)
     _store(weight.device, key, choice)
     return choice
