@@ -14,9 +14,10 @@ What runs where:
 * pruning decisions (masks, ``sparsify(format="auto")``'s formats: :func:`sparsify`) are taken
   on rank 0 and broadcast (:func:`broadcast_masks`, :func:`broadcast_object`), then checked
   (:func:`check_same_masks`);
-* data-driven importance scores are summed over the ranks' probe shards inside
-  :func:`collective` (:func:`mean_over_ranks`), so they equal the single-process scores over the
-  whole probe set;
+* data-driven importance scores and the ICP measures are computed on the ranks' shards of the
+  scoring batches / probe set inside :func:`collective` and combined there
+  (:func:`mean_over_ranks`, :func:`gather_rows`), so they equal the single-process values over
+  the whole set;
 * progress bars, logs, JSON records and checkpoints are written by rank 0 only (:func:`is_main`).
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 __all__ = [
     "init", "shutdown", "is_distributed", "rank", "world_size", "is_main", "backend_for", "shard",
     "check_divides", "model_fingerprint", "tensor_bytes", "check_same", "check_same_model",
-    "broadcast_object", "broadcast_masks", "check_same_masks", "collective", "mean_over_ranks",
+    "broadcast_object", "broadcast_masks", "check_same_masks", "collective", "mean_over_ranks", "gather_rows",
     "sum_over_ranks", "any_rank", "barrier", "sparsify",
 ]
 
@@ -215,6 +216,15 @@ def mean_over_ranks(sums: Sequence[Tensor], count: int) -> list[Tensor]:
         return [s / count for s in sums]
     reduced, total = sum_over_ranks(sums, count)
     return [s / total for s in reduced]
+
+
+def gather_rows(rows: Tensor) -> Tensor:
+    """``rows`` ``(n, ...)`` in one process; inside :func:`collective`, every rank's rows stacked in
+    rank order ``(Σ n, ...)`` (with contiguous shards, the single-process order)."""
+    if not _COLLECTIVE[0]:
+        return rows
+    parts = _gather(rows.detach().to("cpu"))
+    return torch.cat(parts).to(rows.device)
 
 
 def sum_over_ranks(tensors: Sequence[Tensor], count: float = 0.0) -> tuple[list[Tensor], float]:

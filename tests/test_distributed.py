@@ -137,15 +137,23 @@ def rank0_outputs(out: str) -> dict:
     return {"saves": counter.n, "stderr": err.getvalue(), "masks": r["masks"]}
 
 
-def icp_rounds() -> dict:
-    """3 rounds with the ICP rule checking every step: the ranks stop each round together."""
+def icp_rounds(measure: str) -> dict:
+    """3 rounds with the ICP rule checking every step on a probe set of 3 batches."""
+    tolerances = {"connectivity": {"eps_grad": 10.0, "eps_info": 10.0}, "discrepancy": {"tol_info": 0.9, "tol_grad": 5.0}}
     model = tiny_cnf()
     x = data()
-    stop = so.prune.ICP(probe=[(x[:20],)], check_every=1, min_steps=1, eps_grad=10.0, eps_info=10.0)
-    fit_fn = functools.partial(fit, data=x, epochs=2, lr=1e-2, batch_size=BATCH, progress=False)
+    probe = [(x[:10],), (x[10:20],), (x[20:25],)]  # sharded: rank 0 measures 2 batches, rank 1 one
+    stop = so.prune.ICP(measure, probe=probe, check_every=1, min_steps=1, **tolerances[measure])
+    seen = []
+
+    def fit_fn(m, callbacks=()):
+        seen.append(len(stop.probe))  # the probe batches this rank measures during the round
+        return fit(m, x, epochs=2, lr=1e-2, batch_size=BATCH, callbacks=callbacks, progress=False)
+
     hist = so.prune.iterative(model, fit_fn, target=0.75, rounds=3, stop=stop, progress=False)
     return {"masks": masks_of(model), "steps": [r["steps"] for r in hist.to_dicts()],
-            "reasons": [r["stop_reason"] for r in hist.to_dicts()]}
+            "reasons": [r["stop_reason"] for r in hist.to_dicts()], "checks": [r.checks for r in hist.rounds],
+            "probe_batches": seen, "probe_after": len(stop.probe)}
 
 
 def resume_after_kill(out: str) -> dict:
@@ -217,7 +225,8 @@ SCENARIOS = {
     "fit_sampler": lambda out, ref: fit_loader("sampler"),
     "iterative": lambda out, ref: run_iterative(None),
     "rank0_outputs": lambda out, ref: rank0_outputs(out),
-    "icp": lambda out, ref: icp_rounds(),
+    "icp_connectivity": lambda out, ref: icp_rounds("connectivity"),
+    "icp_discrepancy": lambda out, ref: icp_rounds("discrepancy"),
     "resume_after_kill": lambda out, ref: resume_after_kill(out),
     "resume_single": lambda out, ref: resume_single_process_run(ref),
     "bad_batch": lambda out, ref: bad_batch(),
@@ -321,13 +330,24 @@ def test_three_rounds_of_iterative_on_two_ranks_end_with_the_masks_of_one_proces
     assert single["sparsity"][-1] == pytest.approx(0.75, abs=0.02)
 
 
-def test_icp_rounds_stop_at_the_same_step_on_every_rank_as_in_one_process(ranks):
-    single = icp_rounds()
+@pytest.mark.parametrize("measure", ["connectivity", "discrepancy"])
+def test_icp_on_probe_shards_measures_and_stops_as_one_process_on_the_whole_probe(ranks, measure):
+    single = icp_rounds(measure)
     assert single["reasons"][:2] != ["budget", "budget"]  # the rule did end rounds early
-    for r in ok(ranks, "icp"):
+    values = ("info", "grad", "loss") if measure == "connectivity" else ("max_info", "max_grad_dev", "loss")
+    assert single["probe_batches"] == [3, 3, 3]
+    on_ranks = ok(ranks, f"icp_{measure}")
+    assert [r["probe_batches"] for r in on_ranks] == [[2, 2, 2], [1, 1, 1]]  # each measured its share
+    assert [r["probe_after"] for r in on_ranks] == [3, 3]  # and got the whole probe back
+    for r in on_ranks:
         assert r["steps"] == single["steps"] and r["reasons"] == single["reasons"]
         for k, m in single["masks"].items():
             assert torch.equal(r["masks"][k], m), k
+        for got, want in zip(r["checks"], single["checks"]):  # every check's measured values
+            assert len(got) == len(want)
+            for a, b in zip(got, want):
+                for v in values:
+                    assert a[v] == pytest.approx(b[v], rel=1e-4, abs=1e-6), (measure, v)
 
 
 def test_only_rank_0_shows_progress_and_writes_checkpoints(ranks):

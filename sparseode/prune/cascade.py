@@ -3,6 +3,7 @@ point, the per-round scoring (sharded over ranks under ``torchrun``) and the res
 disk (``cascade.json`` and ``round_XX.pt`` in ``checkpoint_dir``)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -135,6 +136,25 @@ def scores(model: nn.Module, method: str, loss_fn: LossFn | None, data: Iterable
     with distributed.collective():
         return importance(model, method, loss_fn=loss_fn, data=batches[start:stop], n_batches=stop - start,
                           seed=seed)
+
+
+@contextlib.contextmanager
+def sharded_probe(stop: Any) -> Iterator[None]:
+    """Under ``torchrun``, give ``stop`` (an :class:`ICP`) this rank's contiguous share of its probe
+    batches for the block; its measures combine the shares inside :func:`distributed.collective`."""
+    probe = getattr(stop, "probe", None)
+    if not distributed.is_distributed() or not isinstance(probe, list):
+        yield
+        return
+    start, end = distributed.shard(len(probe))
+    if end == start:
+        raise ValueError(f"stop: the probe's {len(probe)} batch(es) cannot be shared by {distributed.world_size()} "
+                         "ranks; give at least one probe batch per rank")
+    stop.probe = probe[start:end]
+    try:
+        yield
+    finally:
+        stop.probe = probe
 
 
 class RewindPoint:

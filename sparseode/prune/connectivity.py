@@ -57,6 +57,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from sparseode.distributed import gather_rows, mean_over_ranks
 from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import mask_or_ones, trainable
 from sparseode.prune.args import integer, real
@@ -202,15 +203,15 @@ def _collect(
     for ch in chains:
         if len(ch) < 2:
             continue
-        outs = [torch.cat(acts[id(m)]) for _, m in ch]
+        outs = [gather_rows(torch.cat(acts[id(m)])) for _, m in ch]  # every rank's probe rows (torchrun)
         rows = {o.shape[0] for o in outs}
         if len(rows) != 1:
             raise RuntimeError(f"layers of one chain saw different numbers of rows {sorted(rows)}; "
                                "are the layers listed in forward order?")
         cs.append(_connectivity_from(outs))
     c = torch.cat(cs) if cs else torch.zeros(0, dtype=torch.float64)
-    return FlowSnapshot(c=c, g=gsum / len(probe), loss=tot / len(probe) if want_g else math.nan,
-                        names=list(glayers))
+    g, loss = mean_over_ranks([gsum, torch.tensor([tot], dtype=torch.float64)], len(probe))
+    return FlowSnapshot(c=c, g=g, loss=float(loss) if want_g else math.nan, names=list(glayers))
 
 
 def connectivity(

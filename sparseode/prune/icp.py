@@ -49,6 +49,7 @@ from typing import Any, Iterable, Iterator, Protocol
 import torch
 import torch.nn as nn
 
+from sparseode.distributed import gather_rows, mean_over_ranks
 from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import trainable
 from sparseode.prune.args import integer, real
@@ -162,10 +163,12 @@ class DiscrepancyMeasure:
         finally:
             for h in handles:
                 h.remove()
-        snap = Snapshot(loss=tot / len(probe))
-        for (n, _), g in zip(layers.items(), grads):
-            snap.activations[n] = torch.cat(acts[n]) if acts[n] else torch.zeros(0)
-            snap.grad_norms[n] = float((g / len(probe)).norm())
+        # means over every rank's probe batches under torchrun (this process's otherwise)
+        *means, loss = mean_over_ranks([*grads, torch.tensor([tot], dtype=torch.float64)], len(probe))
+        snap = Snapshot(loss=float(loss))
+        for (n, _), g in zip(layers.items(), means):
+            snap.activations[n] = gather_rows(torch.cat(acts[n]) if acts[n] else torch.zeros(0))
+            snap.grad_norms[n] = float(g.norm())
         return snap
 
     def compare(self, ref: Snapshot, cur: Snapshot) -> tuple[bool, dict[str, Any]]:

@@ -227,9 +227,11 @@ def iterative(
 
     Under ``torchrun`` (a process group, :mod:`sparseode.distributed`) every rank runs this with
     the same arguments: ``fit`` trains data-parallel, a data-driven measure scores on each rank's
-    share of the ``n_batches`` batches (averaged over all, as in one process), the masks decided on
-    rank 0 are broadcast and checked equal on every rank after every round, and only rank 0 shows
-    the bar and writes ``checkpoint_dir``.
+    share of the ``n_batches`` batches and an ICP ``stop`` measures on each rank's share of its
+    probe batches (both combined over the ranks, as one process over all of them: exactly so for
+    deterministic models; Hutchinson noise differs per batch position), the masks decided on rank
+    0 are broadcast and checked equal on every rank after every round, and only rank 0 shows the
+    bar and writes ``checkpoint_dir``.
 
     A model already at or past ``target`` is said so (a warning) and gets only the final
     retraining; rounds of the schedule that would prune nothing are skipped with a warning.
@@ -256,15 +258,16 @@ def iterative(
     first = run.start(resume, meta)
     bar = tqdm(plan.rounds(model, first), total=len(plan) - first if len(plan) else None,
                desc=f"prune {method}", disable=not progress or not distributed.is_main(), leave=False)
-    for k, kr, is_final in bar:
-        rec = run.round(k, kr, is_final, method, seed)
-        sd = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
-        run.hist.checkpoints.append(sd)
-        run.hist.rounds.append(rec)
-        if ckpt_dir is not None:
-            cascade.save_round(ckpt_dir, k, sd, run.hist, meta)
-        bar.set_postfix(sparsity=f"{rec.sparsity:.3f}",
-                        val="-" if math.isnan(rec.val_metric) else f"{rec.val_metric:.4f}", stop=rec.stop_reason)
+    with cascade.sharded_probe(stop), distributed.collective():  # measures span the ranks' shards
+        for k, kr, is_final in bar:
+            rec = run.round(k, kr, is_final, method, seed)
+            sd = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+            run.hist.checkpoints.append(sd)
+            run.hist.rounds.append(rec)
+            if ckpt_dir is not None:
+                cascade.save_round(ckpt_dir, k, sd, run.hist, meta)
+            bar.set_postfix(sparsity=f"{rec.sparsity:.3f}", stop=rec.stop_reason,
+                            val="-" if math.isnan(rec.val_metric) else f"{rec.val_metric:.4f}")
     if run.spe:  # rounds recorded before steps-per-epoch was known
         for r in run.hist.rounds:
             if math.isnan(r.epochs):
