@@ -2,7 +2,7 @@
 scikit-learn's digits, the MAF tabular benchmarks from a local folder, and sample metrics."""
 from .classification import CLASSIFICATION_DATASETS, classification
 from .digits import DIGITS_DIM, DIGITS_LEVELS, DIGITS_SCALE, digits
-from .metrics import DEFAULT_KS, mode_coverage
+from .metrics import DEFAULT_KS, ModeCoverage, describe_modes, mode_coverage
 from .mixture import GaussianMixture
 from .tabular import DATA_ENV, TABULAR_FILES, tabular
 from .toy import MIXTURES, TOY_DATASETS, mixture, normalization, toy, true_entropy
@@ -12,5 +12,5 @@ __all__ = [
     "classification", "CLASSIFICATION_DATASETS",
     "digits", "DIGITS_DIM", "DIGITS_LEVELS", "DIGITS_SCALE",
     "tabular", "TABULAR_FILES", "DATA_ENV",
-    "mode_coverage", "DEFAULT_KS",
+    "mode_coverage", "ModeCoverage", "describe_modes", "DEFAULT_KS",
 ]

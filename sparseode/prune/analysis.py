@@ -239,7 +239,9 @@ def mode_coverage(
     ``sparseode.data.mode_coverage(samples, dataset, **coverage_kwargs)``.
 
     Returns:
-        one dict per checkpoint: ``{"sparsity": float, "coverage": <mode_coverage's result>}``.
+        one dict per checkpoint: ``{"sparsity": float, "coverage": <mode_coverage's result>}``;
+        the coverage holds the lenient (``modes_captured``) and strict (``strict_ok``,
+        ``share_ratios``, ``off_mode``) metrics, see :class:`sparseode.data.ModeCoverage`.
     """
     from sparseode.data import mode_coverage as cover  # numpy and the data sets: on first use
 
