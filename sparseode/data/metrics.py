@@ -12,7 +12,8 @@ Both metrics assign each sample to the mode with the smallest covariance-normali
   there (``z ~ N(0, I_d)``; 0.865 w_k at radius 2 in 2-D), so ``ratio_k = held_k / true_k`` is 1 in
   expectation for samples of the true mixture. The verdict passes when every
   ``ratio_k >= min_ratio`` (80%) and ``off_mode <= max_off_mode`` (5%; the true mixture has 1.1%
-  at radius 3 in 2-D, a dense flow 0.03 nats above the entropy floor of ``gaussians`` about 4%).
+  at radius 3 in 2-D; the dense 4x64 flow of ``bench/prune_flows.py``, 0.03 nats above the entropy
+  floor of ``gaussians``, has 3.8%).
   A dropped mode has ratio ~0; two neighbours merged into one component at their midpoint leave
   both below ``min_ratio`` (the merged mass sits >= 3 stds from each, outside their cores) and
   much of it off-mode; a standard normal puts most mass off-mode: all fail. The ratios use the
