@@ -34,8 +34,8 @@ bool pack_tile(const T* x, int64_t K, int64_t b0, int64_t nb, T* xT, bool* nonfi
   return any;
 }
 
-// Bytes of one SIMD vector of the variant: 64 (one AVX-512 register), or 32 (one AVX register, or a
-// pair of SSE registers in the baseline variant).
+// Bytes of one SIMD vector of the variant: 64 (one AVX-512 register), 32 (one AVX register) or 16
+// (one SSE register, the baseline variant).
 constexpr int kVecBytes = SPARSEODE_CPU_VEC_BYTES;
 
 // One SIMD vector of T.

@@ -1,7 +1,8 @@
 """Check a built binary of the portable CPU kernels for wide instructions outside the variants.
 
 The AVX2 and AVX-512 variants are csrc/cpu/kernels.h compiled under `#pragma GCC target(...)`, with
-their own functions in namespace sparseode::cpu::avx2 / ::avx512. Any other function holding AVX
+their own functions in namespace sparseode::cpu::avx2 / ::avx512 (or <kernel>_avx2 / _avx512 for
+another kernel family built the same way). Any other function holding AVX
 code would run on every CPU: typically an inline or template function from a shared header,
 compiled inside a variant and kept by the linker in place of the baseline copy. After linking
 (the extension .so or the ctest executable) no function outside the variant namespaces may hold a
@@ -20,7 +21,7 @@ import subprocess
 import sys
 
 WIDE = re.compile(r"^\s*[0-9a-f]+:\s+(v\w+|.*%[yz]mm\d|.*%k[0-7]\b)")
-VARIANT_NAMESPACE = re.compile(r"sparseode::cpu::(avx2|avx512)::")
+VARIANT_NAMESPACE = re.compile(r"sparseode::cpu::(\w+_)?(avx2|avx512)::")  # also e.g. field_avx2
 
 
 def wide_functions(binary: str, objdump: str = "objdump") -> list[str]:
