@@ -15,14 +15,14 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-#define FIELD_VARIANT field_avx2
+#define FIELD_VARIANT avx2::field
 #define FIELD_VEC_BYTES 32
 #include "field_kernels.h"
 #pragma GCC pop_options
 
 namespace sparseode::cpu {
 const FieldKernels& field_kernels_avx2() {
-  static const FieldKernels table = field_avx2::make_field_table("avx2");
+  static const FieldKernels table = avx2::field::make_field_table("avx2");
   return table;
 }
 }  // namespace sparseode::cpu

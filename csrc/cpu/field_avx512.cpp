@@ -15,14 +15,14 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#define FIELD_VARIANT field_avx512
+#define FIELD_VARIANT avx512::field
 #define FIELD_VEC_BYTES 64
 #include "field_kernels.h"
 #pragma GCC pop_options
 
 namespace sparseode::cpu {
 const FieldKernels& field_kernels_avx512() {
-  static const FieldKernels table = field_avx512::make_field_table("avx512");
+  static const FieldKernels table = avx512::field::make_field_table("avx512");
   return table;
 }
 }  // namespace sparseode::cpu
