@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparseode.prune.args import fraction, real
+from sparseode.args import fraction, real
 
 from .mixture import GaussianMixture
 from .toy import mixture

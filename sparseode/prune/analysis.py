@@ -26,7 +26,7 @@ import torch.nn as nn
 from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import logical_names, masks
 from sparseode.prune.checkpoint import clone, load_pruned
-from sparseode.prune.args import integer, real
+from sparseode.args import integer, real
 from sparseode.prune.importance import batches_of
 from sparseode.prune.report import sparsity
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from sparseode import distributed
 from sparseode.prune.history import PruneHistory
 from sparseode.prune.importance import MEASURES, LossFn, importance
-from sparseode.prune.args import check_sparsity as _check_sparsity
+from sparseode.args import check_sparsity as _check_sparsity
 from sparseode.prune.checkpoint import load_pruned
 from sparseode.prune.layers import FilterFn
 from sparseode.prune.report import sparsity

@@ -60,7 +60,7 @@ import torch.nn as nn
 from sparseode.distributed import gather_rows, mean_over_ranks
 from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import mask_or_ones, trainable
-from sparseode.prune.args import integer, real
+from sparseode.args import integer, real
 from sparseode.prune.icp import _as_batches, fixed_step, register_icp_measure
 from sparseode.prune.layers import FilterFn, prunable_layers
 

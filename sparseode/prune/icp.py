@@ -52,7 +52,7 @@ import torch.nn as nn
 from sparseode.distributed import gather_rows, mean_over_ranks
 from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import trainable
-from sparseode.prune.args import integer, real
+from sparseode.args import integer, real
 from sparseode.prune.layers import FilterFn, prunable_layers
 
 __all__ = [

@@ -54,7 +54,7 @@ import torch.nn as nn
 from sparseode.distributed import mean_over_ranks
 from sparseode.losses import LossFn, resolve_loss
 from sparseode.pruned import effective, logical_names
-from sparseode.prune.args import integer
+from sparseode.args import integer
 
 __all__ = ["importance", "Measure", "MEASURES", "register_measure", "trainable_parameters", "batches_of",
            "lamp_scores"]

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
 from sparseode import pruned
-from sparseode.prune.args import block_shape, check_sparsity, fraction
+from sparseode.args import block_shape, check_sparsity, fraction
 from sparseode.prune.granularity import GRANULARITIES, Granularity
 from sparseode.prune.importance import importance
 from sparseode.prune.layers import FilterFn, neuron_chains, prunable_layers

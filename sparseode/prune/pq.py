@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from sparseode.pruned import mask_or_ones, trainable
-from sparseode.prune.args import real
+from sparseode.args import real
 from sparseode.prune.layers import FilterFn, prunable_layers
 
 __all__ = ["pq_index", "pq_prune_count", "pq_keep_ratio", "pq_next_keep", "check_pq_params"]

@@ -32,7 +32,7 @@ from sparseode.prune import cascade
 from sparseode.prune.cascade import FitFn, Plan, RewindPoint, default_schedule
 from sparseode.prune.history import PruneHistory, RoundRecord
 from sparseode.prune.importance import MEASURES, LossFn
-from sparseode.prune.args import check_sparsity as _check_sparsity
+from sparseode.args import check_sparsity as _check_sparsity
 from sparseode.prune.granularity import GRANULARITIES
 from sparseode.prune.layers import FilterFn
 from sparseode.prune.masking import apply

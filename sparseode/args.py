@@ -1,4 +1,4 @@
-"""Checks of the numeric arguments of the pruning API, with messages that name the argument.
+"""Checks of numeric arguments (pruning API, data metrics), with messages that name the argument.
 
 A number must be a real number (``int``, ``float``, numpy scalars: anything ``numbers.Real``),
 not a ``bool``, a string or a tensor, and finite; an integer argument must be an integer

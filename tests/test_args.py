@@ -10,7 +10,7 @@ import torch
 
 import sparseode as so
 from prune_helpers import batches, mlp, mse
-from sparseode.prune.args import block_shape, check_sparsity, integer, real
+from sparseode.args import block_shape, check_sparsity, integer, real
 from sparseode.prune.connectivity import connectivity
 from sparseode.prune.pq import check_pq_params
 
