@@ -32,7 +32,7 @@ from torch.nn.utils import prune as torch_prune
 
 from sparseode.models import CNF, ConcatLinear, ConcatSquashLinear, MLPVectorField, NeuralODE, ODEClassifier
 from sparseode.nn.convert import LayerSpec, densify, sparsify_as
-from sparseode.nn.field import FoldedConcatLinear
+from sparseode.nn.folded import FoldedConcatLinear
 from sparseode.nn.sparse_linear import SparseLinear
 from sparseode.pruned import masks
 

@@ -91,17 +91,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-#: Rooms that still have circles, each through imports inside functions: a circle is known when all
-#: its modules lie in one of them. A circle anywhere else fails test_no_new_circle, and so does a room
-#: here that no longer has one (remove it then).
-KNOWN_CIRCLE_ROOMS = {
-    "the ops layer (ops.library -> ops.dispatch -> ops.backend -> ops.library)":
-        lambda m: m.startswith("sparseode.ops."),
-    "the fused field (nn.field <-> nn.fused_field)":
-        lambda m: m in {"sparseode.nn.field", "sparseode.nn.fused_field"},
-}
-
-
 def circles(graph: dict[str, set[str]]) -> list[set[str]]:
     """Every circle of ``graph`` as a set of modules (its strongly connected components of more
     than one module, and modules importing themselves); iterative Tarjan."""
@@ -145,8 +134,6 @@ def circles(graph: dict[str, set[str]]) -> list[set[str]]:
     return out
 
 
-@pytest.mark.xfail(reason="two rooms still have circles through lazy imports: "
-                          + "; ".join(KNOWN_CIRCLE_ROOMS), strict=False)
 def test_the_package_imports_form_no_circle():
     graph = import_graph()
     assert len(graph) > 30  # the walk saw the package, not an empty folder
@@ -154,14 +141,10 @@ def test_the_package_imports_form_no_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_no_new_circle():
+def test_no_module_of_the_package_is_in_a_circle():
     graph = import_graph()
     assert {"sparseode.prune.masking", "sparseode.pruned", "sparseode.nn.convert"} <= set(graph)
-    found = circles(graph)
-    new = [sorted(c) for c in found if not any(all(map(room, c)) for room in KNOWN_CIRCLE_ROOMS.values())]
-    fixed = [name for name, room in KNOWN_CIRCLE_ROOMS.items() if not any(all(map(room, c)) for c in found)]
-    assert not new, f"new import circles: {new}"
-    assert not fixed, f"no circle left in {fixed}: remove them from KNOWN_CIRCLE_ROOMS"
+    assert [sorted(c) for c in circles(graph)] == []
 
 
 def test_the_walk_sees_lazy_relative_and_package_imports(tmp_path):

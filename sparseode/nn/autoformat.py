@@ -23,10 +23,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from sparseode.ops import dispatch
 from sparseode.ops.formats import SparseWeight
 from sparseode.ops.primitives import spmm
-from sparseode.ops.select import use_backend
+from sparseode.ops.select import resolve, use_backend
 
 _MEMORY: dict[str, dict[str, str]] = {}
 
@@ -136,7 +135,7 @@ def choose_format(weight: Tensor, mask: Tensor, backend: str = "auto", block: tu
         times = {"dense": _best_time(lambda: F.linear(x, w))}
         for fmt in candidates:
             sw = SparseWeight.from_dense(w, mask, format=fmt, block=block)
-            with use_backend(dispatch.resolve(backend, weight.device), weight.device.type):
+            with use_backend(resolve(backend, weight.device), weight.device.type):
                 times[fmt] = _best_time(lambda: spmm(x, sw.values, sw.pattern))
     choice = min(times, key=times.get)
     _store(weight.device, key, choice)

@@ -28,7 +28,8 @@ from torch.nn.utils import prune as torch_prune
 
 from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear, MLPVectorField
 from sparseode.nn.autoformat import bsr_storage, choose_format, tiles
-from sparseode.nn.field import FoldedConcatLinear, SparseMLPField
+from sparseode.nn.field import SparseMLPField
+from sparseode.nn.folded import FoldedConcatLinear
 from sparseode.nn.sparse_linear import SparseLinear
 from sparseode.ops.handlers import FORMATS
 from sparseode.pruned import effective, kept_mask

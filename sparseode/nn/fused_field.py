@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sparseode.activations import ACTIVATIONS
 from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear
-from sparseode.nn.field import FoldedConcatLinear
+from sparseode.nn.folded import FoldedConcatLinear
 from sparseode.nn.sparse_linear import SparseLinear
 from sparseode.ops import extension
 

@@ -57,10 +57,10 @@ class TorchBackend(Backend):
         return True, ""
 
     def kernels(self) -> dict[str, Callable]:
-        from sparseode.ops import library
+        from sparseode.ops import reference
         from sparseode.ops.handlers import FORMAT_HANDLERS
 
-        return {name: fn for h in FORMAT_HANDLERS.values() for name, fn in library.reference_kernels(h).items()}
+        return {name: fn for h in FORMAT_HANDLERS.values() for name, fn in reference.reference_kernels(h).items()}
 
 
 TORCH = TorchBackend()

@@ -74,14 +74,3 @@ def get(name: str) -> Backend:
     if not st.available:
         raise RuntimeError(f"backend {name!r} is not available here: {st.reason}")
     return _load(name)
-
-
-def resolve(name: str, device: torch.device) -> str:
-    """The concrete backend for ``name`` ("auto" or a backend name) on ``device``: "auto" is the
-    backend selected for that device type (sparseode.ops.select)."""
-    if name != "auto":
-        get(name)
-        return name
-    from sparseode.ops import select
-
-    return select.active(device.type)

@@ -42,27 +42,6 @@ def _signature(h: FormatHandler, primitive: str) -> str:
 SCHEMAS: dict[str, str] = {h.op_name(p): h.op_name(p) + _signature(h, p) for h in FORMAT_HANDLERS.values() for p in PRIMITIVES}
 
 
-# --- reference kernels on the ops' flat arguments -------------------------------------------------
-def reference_kernels(h: FormatHandler) -> dict[str, Callable]:
-    """op name -> the reference taking the op's flat arguments (pattern tensors in field order)."""
-    n, typed = len(h.pattern_type._fields), h.pattern_type
-
-    def spmm(x, values, *rest):
-        return reference.spmm(x, values, typed(*rest[:n]), *rest[n:])
-
-    def spmm_fm(xT, values, *rest):
-        return reference.spmm_fm(xT, values, typed(*rest[:n]), *rest[n:])
-
-    def spmm_t(g, values, *pattern):
-        return reference.spmm_t(g, values, typed(*pattern))
-
-    def sddmm(a, c, *pattern):
-        return reference.sddmm(a, c, typed(*pattern))
-
-    return {h.op_name("spmm"): spmm, h.op_name("spmm_fm"): spmm_fm, h.op_name("spmm_t"): spmm_t,
-            h.op_name("sddmm"): sddmm}
-
-
 # --- fake kernels ---------------------------------------------------------------------------------
 def _fakes(h: FormatHandler) -> dict[str, Callable]:
     n, typed = len(h.pattern_type._fields), h.pattern_type
@@ -156,7 +135,7 @@ def _define() -> tuple[torch.library.Library, dict[str, torch._ops.OpOverload]]:
             lib.define(schema)
     ops = {name: getattr(torch.ops.sparseode, name).default for name in SCHEMAS}
     for h in FORMAT_HANDLERS.values():
-        for name, fn in reference_kernels(h).items():
+        for name, fn in reference.reference_kernels(h).items():
             lib.impl(name, fn, "CompositeExplicitAutograd")
         for name, fn in _fakes(h).items():
             torch.library.register_fake(f"sparseode::{name}", fn, lib=lib)

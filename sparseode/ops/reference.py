@@ -7,12 +7,14 @@ so it can be checked with ``gradcheck`` in float64.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from sparseode.activations import ACTIVATIONS, GRADS_FROM_OUTPUT
-from sparseode.ops.handlers import handler_of
+from sparseode.ops.handlers import FormatHandler, handler_of
 from sparseode.ops.patterns import Pattern
 
 # The activations the kernels fuse into their epilogue, and their derivative from the output.
@@ -60,3 +62,23 @@ def spmm_t(g: Tensor, values: Tensor, pattern: Pattern) -> Tensor:
 def sddmm(a: Tensor, c: Tensor, pattern: Pattern) -> Tensor:
     """(a^T c) at the kept positions: a (B, N), c (B, K) -> shaped like ``values``."""
     return gather_stored(a.transpose(0, 1) @ c, pattern)
+
+
+def reference_kernels(h: FormatHandler) -> dict[str, Callable]:
+    """op name -> the reference taking the op's flat arguments (pattern tensors in field order)."""
+    n, typed = len(h.pattern_type._fields), h.pattern_type
+
+    def flat_spmm(x, values, *rest):
+        return spmm(x, values, typed(*rest[:n]), *rest[n:])
+
+    def flat_spmm_fm(xT, values, *rest):
+        return spmm_fm(xT, values, typed(*rest[:n]), *rest[n:])
+
+    def flat_spmm_t(g, values, *pattern):
+        return spmm_t(g, values, typed(*pattern))
+
+    def flat_sddmm(a, c, *pattern):
+        return sddmm(a, c, typed(*pattern))
+
+    return {h.op_name("spmm"): flat_spmm, h.op_name("spmm_fm"): flat_spmm_fm, h.op_name("spmm_t"): flat_spmm_t,
+            h.op_name("sddmm"): flat_sddmm}

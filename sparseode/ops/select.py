@@ -101,3 +101,14 @@ def using(name: str, device_type: str) -> contextlib.AbstractContextManager:
     if active(device_type) == name:
         return contextlib.nullcontext()
     return use_backend(name, device_type)
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The concrete backend for ``name`` ("auto" or a backend name) on ``device``: "auto" is the
+    backend selected for that device type."""
+    if name != "auto":
+        from sparseode.ops import dispatch
+
+        dispatch.get(name)
+        return name
+    return active(device.type)

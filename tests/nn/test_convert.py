@@ -11,7 +11,8 @@ from torch.nn.utils import prune
 import sparseode as so
 from sparseode.models import CNF, MLPVectorField, NeuralODE, ODEClassifier
 from sparseode.nn import SparseLinear, autoformat, convert
-from sparseode.nn.field import FoldedConcatLinear, SparseMLPField
+from sparseode.nn.field import SparseMLPField
+from sparseode.nn.folded import FoldedConcatLinear
 
 
 def _prune(module: nn.Module, amount=0.8, skip=()):

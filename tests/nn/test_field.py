@@ -8,7 +8,8 @@ from torch.nn.utils import prune
 import sparseode as so
 from sparseode.models import CNF, MLPVectorField, NeuralODE, ODEClassifier
 from sparseode.models.forward_mode import forward_with_tangents
-from sparseode.nn.field import FoldedConcatLinear, SparseMLPField
+from sparseode.nn.field import SparseMLPField
+from sparseode.nn.folded import FoldedConcatLinear
 from sparseode.nn.sparse_linear import SparseLinear
 
 TIMES = (None, "concat", "concatsquash")

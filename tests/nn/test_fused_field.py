@@ -12,7 +12,7 @@ from sparseode.models import CNF, MLPVectorField
 from sparseode.models.cnf import exact_trace, hutchinson_trace
 from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear
 from sparseode.nn import fused_field as ff
-from sparseode.nn.field import FoldedConcatLinear
+from sparseode.nn.folded import FoldedConcatLinear
 from sparseode.nn.sparse_linear import SparseLinear
 
 pytestmark = pytest.mark.skipif(not ff.op_available()[0], reason=f"no fused field op: {ff.op_available()[1]}")
