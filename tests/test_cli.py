@@ -38,12 +38,17 @@ def test_train_then_prune_then_reload(tmp_path):
     assert len(rounds) == 2 and abs(rounds[-1]["sparsity"] - 0.8) < 0.01
 
 
-def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     from sparseode.demo import run_demo
 
     record = run_demo("gaussians", tmp_path, hidden=(8, 8), epochs=1, retrain_epochs=1, n_train=512,
                       batch_size=256, progress=False)
     assert [r["sparsity"] for r in record["rows"]] == [0.0, 0.9, 0.98]
+    table = capsys.readouterr().out
+    assert "vs dense" in table and "strict" in table
+    for r in record["rows"]:  # the strict mode metric of each row is printed with its verdict
+        assert r["mode_line"] in table and ("pass" in r["mode_line"]) == r["strict_ok"]
+        assert f"{r['test_nll'] - record['rows'][0]['test_nll']:+.3f}" in table
     assert record["rows"][1]["params"] < record["rows"][0]["params"]
     for name in ("demo.json", "dense.pt", "pruned_90.pt", "pruned_98.pt", "sparse_98.pt", "flow_dense.png",
                  "flow_98.png", "nll_vs_sparsity.png"):
