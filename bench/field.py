@@ -18,6 +18,7 @@ same run (> 1: faster).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -67,14 +68,16 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None
         raise SystemExit(f"{name}: values differ from the dense model (relative error {err:.2e} > {tol:g})")
 
 
+def _loss(cnf: CNF, x: torch.Tensor, per_layer: bool) -> torch.Tensor:
+    """The training loss, through the per-layer sparse path instead of the fused op if asked."""
+    with ff.per_layer() if per_layer else contextlib.nullcontext():
+        return -cnf.log_prob(x).mean()
+
+
 def _train_step(cnf: CNF, opt: torch.optim.Optimizer, x: torch.Tensor, per_layer: bool):
     def step():
         opt.zero_grad(set_to_none=True)
-        if per_layer:
-            with ff.per_layer():
-                loss = -cnf.log_prob(x).mean()
-        else:
-            loss = -cnf.log_prob(x).mean()
+        loss = _loss(cnf, x, per_layer)
         loss.backward()
         opt.step()
         return loss
@@ -84,11 +87,7 @@ def _train_step(cnf: CNF, opt: torch.optim.Optimizer, x: torch.Tensor, per_layer
 
 def _first_bias_grad(cnf: CNF, x: torch.Tensor, per_layer: bool) -> tuple[torch.Tensor, torch.Tensor]:
     cnf.zero_grad(set_to_none=True)
-    if per_layer:
-        with ff.per_layer():
-            loss = -cnf.log_prob(x).mean()
-    else:
-        loss = -cnf.log_prob(x).mean()
+    loss = _loss(cnf, x, per_layer)
     loss.backward()
     layer = cnf.field.layers[0]
     bias = layer.bias if isinstance(layer, nn.Linear) else next(p for n, p in layer.named_parameters() if "bias" in n)
