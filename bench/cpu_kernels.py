@@ -39,15 +39,21 @@ def timed(stmt, min_run_time: float) -> float:
     return benchmark.Timer("f()", globals={"f": stmt}).blocked_autorange(min_run_time=min_run_time).median
 
 
-def run_row(batch: int, hidden: int, density: float, structure: str, min_run_time: float,
-            gen: torch.Generator) -> dict:
+def make_case(batch: int, hidden: int, density: float, structure: str, gen: torch.Generator):
+    """One case's operands: w (hidden, hidden) masked dense float32, b (hidden,), x (batch, hidden),
+    the SparseLinear of w on the CPU kernels and w as torch.sparse CSR."""
     fmt, block = STRUCTURES[structure]
     mask = make_mask(hidden, density, block, gen)
     w = torch.randn(hidden, hidden, generator=gen) * mask
     b = torch.randn(hidden, generator=gen)
     x = torch.randn(batch, hidden, generator=gen)
     layer = SparseLinear(SparseWeight.from_dense(w, mask, format=fmt, block=block), b, backend="cpu")
-    w_csr = w.to_sparse_csr()
+    return w, b, x, layer, w.to_sparse_csr()
+
+
+def run_row(batch: int, hidden: int, density: float, structure: str, min_run_time: float,
+            gen: torch.Generator) -> dict:
+    w, b, x, layer, w_csr = make_case(batch, hidden, density, structure, gen)
     with torch.no_grad():
         want = F.linear(x, w, b)
         got = layer(x)

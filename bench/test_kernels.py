@@ -14,10 +14,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cpu_kernels import STRUCTURES, make_mask
+from cpu_kernels import make_case
 from suite import QUICK, assert_close
-from sparseode.nn import SparseLinear
-from sparseode.ops import SparseWeight
 
 # (batch, hidden, density, structure)
 CASES = [(33, 32, 0.1, "unstructured"), (33, 32, 0.1, "block16")] if QUICK else [
@@ -35,15 +33,7 @@ def case_name(case: tuple) -> str:
 @functools.lru_cache(maxsize=None)
 def problem(case: tuple) -> tuple[dict[str, Callable[[], torch.Tensor]], torch.Tensor]:
     """({variant: forward closure}, the dense product) of one case; built once for its variants."""
-    batch, hidden, density, structure = case
-    fmt, block = STRUCTURES[structure]
-    gen = torch.Generator().manual_seed(0)
-    mask = make_mask(hidden, density, block, gen)
-    w = torch.randn(hidden, hidden, generator=gen) * mask
-    b = torch.randn(hidden, generator=gen)
-    x = torch.randn(batch, hidden, generator=gen)
-    layer = SparseLinear(SparseWeight.from_dense(w, mask, format=fmt, block=block), b, backend="cpu")
-    w_csr = w.to_sparse_csr()
+    w, b, x, layer, w_csr = make_case(*case, torch.Generator().manual_seed(0))
     closures = {
         "dense": lambda: F.linear(x, w, b),
         "torch.sparse": lambda: torch.sparse.mm(w_csr, x.t()).t() + b,
