@@ -64,7 +64,7 @@ def run_row(batch: int, hidden: int, density: float, structure: str, min_run_tim
         t_dense = timed(lambda: F.linear(x, w, b), min_run_time)
         t_torch = timed(lambda: torch.sparse.mm(w_csr, x.t()).t() + b, min_run_time)
         t_ours = timed(lambda: layer(x), min_run_time)
-    return {"batch": batch, "hidden": hidden, "density": density, "structure": structure, "format": fmt,
+    return {"batch": batch, "hidden": hidden, "density": density, "structure": structure, "format": layer.format,
             "dense_ms": t_dense * 1e3, "torch_csr_ms": t_torch * 1e3, "ours_ms": t_ours * 1e3,
             "ours_speedup": t_dense / t_ours, "torch_csr_speedup": t_dense / t_torch}
 
