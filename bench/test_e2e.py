@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from suite import QUICK, assert_close, masked_dense, torch_sparse
-from sparseode.benchmark import FIELDS, FieldSpec, make_fields
+from sparseode.benchmark import FIELDS, FieldSpec, make_fields, task_fn
 from sparseode.models import CNF
 from sparseode.nn.convert import sparsify
 
@@ -58,25 +58,10 @@ def models(spec: FieldSpec) -> tuple[dict[str, CNF], torch.Tensor]:
     return cnfs, x
 
 
-def log_prob(cnf: CNF, x: torch.Tensor):
-    def run():
-        with torch.no_grad():
-            return cnf.log_prob(x)
-    return run
-
-
-def train_step(cnf: CNF, x: torch.Tensor):
-    def run():
-        loss = -cnf.log_prob(x).mean()
-        loss.backward()
-        return loss
-    return run
-
-
 def biases_and_loss(cnf: CNF, x: torch.Tensor) -> list[torch.Tensor]:
     """[loss, grad of every bias] of one training step from zero gradients."""
     cnf.zero_grad(set_to_none=True)
-    loss = train_step(cnf, x)()
+    loss = task_fn(cnf, "train_step", x)()
     grads = [p.grad.clone() for name, p in cnf.named_parameters() if name.endswith("bias")]
     cnf.zero_grad(set_to_none=True)
     return [loss.detach(), *grads]
@@ -86,8 +71,8 @@ def biases_and_loss(cnf: CNF, x: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("spec", SPECS, ids=field_name)
 def test_log_prob(benchmark, spec, variant):
     cnfs, x = models(spec)
-    want = log_prob(cnfs["masked"], x)()
-    fn = log_prob(cnfs[variant], x)
+    want = task_fn(cnfs["masked"], "log_prob", x)()
+    fn = task_fn(cnfs[variant], "log_prob", x)
     assert_close(fn(), want, f"log_prob of {variant}, field {field_name(spec)}")
     benchmark.group = f"CNF log_prob {field_name(spec)} d{DENSITY} b{BATCH}"
     benchmark.extra_info.update(variant=variant, nfe=cnfs[variant].nfe)
@@ -105,4 +90,4 @@ def test_train_step(benchmark, spec, variant):
         assert_close(g, w, f"training step of {variant}, field {field_name(spec)}, " + ("loss" if k == 0 else f"bias {k}"))
     benchmark.group = f"CNF train step {field_name(spec)} d{DENSITY} b{BATCH}"
     benchmark.extra_info.update(variant=variant, nfe=cnfs[variant].nfe)
-    benchmark(train_step(cnfs[variant], x))
+    benchmark(task_fn(cnfs[variant], "train_step", x))

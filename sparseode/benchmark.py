@@ -88,7 +88,9 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def _task(cnf: CNF, task: str, x: torch.Tensor) -> Callable[[], Any]:
+def task_fn(cnf: CNF, task: str, x: torch.Tensor) -> Callable[[], Any]:
+    """A closure running one ``task`` of ``cnf`` on ``x`` (B, d): "log_prob" and "sample" without
+    grad, "train_step" the loss -mean(log_prob) and its backward (gradients accumulate)."""
     if task == "log_prob":
         def run():
             with torch.no_grad():
@@ -138,7 +140,7 @@ def run(fields: Sequence[str] = ("toy64", "wide256", "power"), densities: Sequen
                 if task == "train_step" and variant == "B":
                     continue  # training always differentiates through the autograd trace
                 cnf = cnfs[variant]
-                times[variant] = _time(_task(cnf, task, x), repeats) * 1e3
+                times[variant] = _time(task_fn(cnf, task, x), repeats) * 1e3
                 nfe[variant] = cnf.nfe
             row = {"field": name, "density": density, "batch": batch, "task": task, "nfe": nfe["sparse"],
                    "equal_nfe": len(set(nfe.values())) == 1, "flop_ratio": flop_ratio(pruned),
