@@ -18,9 +18,10 @@ import torch.nn as nn
 from sparseode import distributed
 from sparseode.prune.history import PruneHistory
 from sparseode.prune.importance import MEASURES, LossFn, importance
-from sparseode.args import check_sparsity as _check_sparsity
+from sparseode.args import check_sparsity
 from sparseode.prune.checkpoint import load_pruned
 from sparseode.prune.layers import FilterFn
+from sparseode.prune.presets import PRESETS, preset, truncate
 from sparseode.prune.report import sparsity
 from sparseode.prune.rewind import snapshot_weights
 
@@ -30,19 +31,13 @@ AT_TARGET = 0.005  # a model this close below a sparsity is at it (per-layer rou
 
 
 def default_schedule(target: float = 0.98) -> list[float]:
-    """Keep ratios of the flow-pruning cascade, truncated at ``1 − target`` (inclusive).
+    """Keep ratios of the flow-pruning cascade, truncated at ``1 − target`` (inclusive): the
+    ``"sparse_flows"`` preset (:mod:`sparseode.prune.presets`).
 
     Geometric 0.8 → 0.2 in 20 steps, then linear 0.18 → 0.02 in 9 steps (29 steps, 98%).
     If ``1 − target`` is not on the grid it is appended as the last keep ratio.
     """
-    t = _check_sparsity(target, "target")
-    geo = [0.8 * (0.2 / 0.8) ** (k / 19) for k in range(20)]
-    lin = [0.18 - 0.02 * k for k in range(9)]
-    keep_min = 1.0 - t
-    out = [k for k in geo + lin if k >= keep_min - 1e-9]
-    if not out or abs(out[-1] - keep_min) > 1e-9:
-        out.append(keep_min)
-    return [round(k, 12) for k in out]
+    return truncate(PRESETS["sparse_flows"], check_sparsity(target, "target"))
 
 
 def _check_schedule(schedule: Sequence[float]) -> list[float]:
@@ -68,11 +63,14 @@ class Plan:
     def __init__(self, target: float, schedule: Sequence[float] | str | None, rounds: int | None,
                  pq_params: Mapping[str, float] | None, filter_fn: FilterFn | None) -> None:
         self.target, self.filter_fn = target, filter_fn
-        self.adaptive = isinstance(schedule, str)
+        self.adaptive = isinstance(schedule, str) and schedule == "pq"
         _check_rounds(rounds)
-        if self.adaptive:
-            if schedule != "pq":
-                raise ValueError(f"schedule must be keep ratios or 'pq', got {schedule!r}")
+        if isinstance(schedule, str) and not self.adaptive:
+            if rounds is not None:
+                raise ValueError(f"rounds={rounds!r} cannot be combined with schedule={schedule!r}: "
+                                 "the preset fixes its rounds")
+            self.keep = preset(schedule, target)
+        elif self.adaptive:
             from sparseode.prune.pq import check_pq_params
 
             self.pq_kw = {"p": 0.5, "q": 1.0, "gamma": 1.0, "eta_r": 0.0, "beta": 0.9, **dict(pq_params or {})}

@@ -36,6 +36,7 @@ from sparseode.args import check_sparsity as _check_sparsity
 from sparseode.prune.granularity import GRANULARITIES
 from sparseode.prune.layers import FilterFn
 from sparseode.prune.masking import apply
+from sparseode.prune.presets import preset
 from sparseode.prune.report import sparsity
 from sparseode.prune.rewind import rewinding, snapshot_weights
 
@@ -71,6 +72,14 @@ def _check_args(method: str, granularity: str, stop: Any, rewind: Any) -> None:
         else isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0
     ):
         raise ValueError(f"rewind must be None, 'init' or an int >= 0, got {rewind!r}")
+
+
+def _resolve_target(target: float | None, schedule: Any) -> float:
+    if target is not None:
+        return _check_sparsity(target, "target")
+    if isinstance(schedule, str) and schedule != "pq":
+        return round(1.0 - preset(schedule)[-1], 12)
+    return 0.98
 
 
 class _Cascade:
@@ -153,7 +162,7 @@ class _Cascade:
 def iterative(
     model: nn.Module,
     fit: FitFn,
-    target: float = 0.98,
+    target: float | None = None,
     schedule: Sequence[float] | str | None = None,
     method: str = "magnitude",
     granularity: str = "weight",
@@ -184,10 +193,15 @@ def iterative(
             fresh optimiser and learning-rate schedule (e.g. a ``functools.partial`` of
             :func:`sparseode.train.fit` with its data and budget). The result's ``steps`` (and
             ``epochs_run``, ``val_metric``/``best_val``) are read when present.
-        target: final sparsity in [0, 1) (default 0.98).
+        target: final sparsity in [0, 1) (default 0.98; with a preset ``schedule``, the preset's
+            last sparsity).
         schedule: keep ratios, non-increasing in (0, 1]; default :func:`default_schedule`
             truncated at ``target`` (or ``rounds`` equal pruning factors when ``rounds`` is given:
-            ``keep_k = (1 − target)^(k/rounds)``, k = 1..rounds). ``"pq"``: sparsity-adaptive
+            ``keep_k = (1 − target)^(k/rounds)``, k = 1..rounds). A preset name of
+            :data:`sparseode.prune.presets.PRESETS`: the Sparse Flows paper's cascades,
+            ``"sparse_flows"`` (29 rounds to 98%), ``"sparse_flows_8"`` (8 rounds to 90%) and
+            ``"sparse_flows_12"`` (12 rounds to 95%), truncated at ``target`` when it is given
+            (not with ``rounds``). ``"pq"``: sparsity-adaptive
             (SAP, Diao et al. 2023; :mod:`sparseode.prune.pq`): each round's keep ratio is computed
             from the current weights by :func:`sparseode.prune.pq.pq_next_keep` (``pq_params``:
             ``p, q, gamma, eta_r, beta``); the round that reaches ``target`` (clipped to it) is the
@@ -241,7 +255,7 @@ def iterative(
         checkpoint (``history.checkpoints``, CPU copies; load with :func:`load_pruned`).
     """
     _check_args(method, granularity, stop, rewind)
-    target = _check_sparsity(target, "target")
+    target = _resolve_target(target, schedule)
     plan = Plan(target, schedule, rounds, pq_params, filter_fn)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and ckpt_dir is None:
