@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
+from sparseode.args import block_shape
 from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear, MLPVectorField
 from sparseode.nn.autoformat import bsr_storage, choose_format, tiles
 from sparseode.nn.field import SparseMLPField
@@ -204,8 +205,9 @@ def _check_args(format: str, max_density: float, formats: Mapping[str, str] | No
 
 def _converter(format, backend, block, filter_fn, max_density, batch_hint, formats) -> _Converter:
     _check_args(format, max_density, formats)
-    specs = {name: LayerSpec(fmt, tuple(block), backend) for name, fmt in (formats or {}).items()}
-    return _Converter(format, backend, tuple(block), filter_fn, max_density, batch_hint, specs)
+    block = block_shape(block)
+    specs = {name: LayerSpec(fmt, block, backend) for name, fmt in (formats or {}).items()}
+    return _Converter(format, backend, block, filter_fn, max_density, batch_hint, specs)
 
 
 def _apply(holder: nn.ModuleList, conv: _Converter) -> None:

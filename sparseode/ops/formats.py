@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparseode.args import block_shape
 from sparseode.ops import reference
 from sparseode.ops.handlers import handler
 from sparseode.ops.patterns import Pattern
@@ -28,12 +29,9 @@ def _check_mask(weight: Tensor, mask: Tensor) -> None:
 
 
 def _check_block(block: Any, shape: tuple[int, int]) -> tuple[int, int]:
-    try:
-        bh, bw = (int(b) for b in block)
-    except (TypeError, ValueError):
-        raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}") from None
-    if bh < 1 or bw < 1:
-        raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
+    """``block`` by the package's one rule (sparseode.args.block_shape: an int or a pair of
+    integers >= 1, bools and floats refused), and it must tile ``shape``."""
+    bh, bw = block_shape(block)
     if shape[0] % bh or shape[1] % bw:
         raise ValueError(
             f"block {(bh, bw)} does not tile a weight of shape {tuple(shape)}: "

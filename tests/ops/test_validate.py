@@ -78,6 +78,25 @@ def test_bsr_block_sizes_must_tile_the_shape():
         SparseWeight("masked", (8, 6), w, {"mask": torch.ones(8, 5, dtype=torch.bool)})
 
 
+@pytest.mark.parametrize("bad, exc, name", [
+    ((16.0, 16), TypeError, r"block\[0\]"), ((4, 4.0), TypeError, r"block\[1\]"), (True, TypeError, "block"),
+    ((True, 4), TypeError, r"block\[0\]"), ("4", TypeError, "block"), ((4,), TypeError, "block"),
+    ((0, 4), ValueError, r"block\[0\]"), ((3, 4), ValueError, "does not tile"),
+])
+def test_bsr_block_argument_follows_the_one_rule_of_sparseode_args(bad, exc, name):
+    """SparseWeight.from_dense, sparsify and prune.apply check ``block`` by one rule
+    (sparseode.args.block_shape): an int or a pair of integers >= 1, floats and bools refused."""
+    import sparseode as so
+
+    w = torch.randn(8, 8)
+    with pytest.raises(exc, match=name):
+        SparseWeight.from_dense(w, format="bsr", block=bad)
+    if not (isinstance(bad, tuple) and bad == (3, 4)):  # sparsify warns on a non-tiling block instead
+        with pytest.raises(exc, match=name):
+            so.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), format="bsr", block=bad)
+    assert SparseWeight.from_dense(w, format="bsr", block=4).block == (4, 4)
+
+
 def test_corrupted_checkpoint_is_rejected_and_leaves_the_weight_as_it_was():
     sw = _csr()
     state = sw.state_dict()
