@@ -13,10 +13,12 @@ columns, gates and hyper-biases come from autograd through these few small ops:
 * ``"concat"`` (``FoldedConcatLinear`` or a dense ``ConcatLinear``): ``shift = b + w_t t``;
 * ``"concatsquash"``: ``scale = sigmoid(gate(t))``, ``shift = hyper_bias(t) + b * scale``.
 
-Layers the op takes: ``nn.Linear`` (pruned or not), ``SparseLinear`` in CSR or masked format (no
-activation of its own, backend ``auto`` or ``cpu``), inside those time layers. Anything else (BSR
-layers, another layer type) runs on the per-layer path, with one warning per field saying why
-(:func:`unsupported_reason`).
+Layers the op takes: ``nn.Linear`` (pruned or not), ``SparseLinear`` in CSR, BSR or masked format
+(no activation of its own, backend ``auto`` or ``cpu``), inside those time layers. A BSR layer
+reaches the op as the CSR pattern of its kept entries (built once per pattern and cached on the
+layer, :func:`bsr_csr_view`) and the gather of those entries from its block values, so its
+gradient flows back into the blocks by autograd. Anything else (another layer type) runs on the
+per-layer path, with one warning per field saying why (:func:`unsupported_reason`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear
 from sparseode.nn.folded import FoldedConcatLinear
 from sparseode.nn.sparse_linear import SparseLinear
 from sparseode.ops import extension
+from sparseode.ops.patterns import BSRPattern, compressed, row_of_each
 
 #: Trace codes of the op: None (no trace), exact (the d unit vectors), Hutchinson (the probe).
 TRACE_CODES: dict[str | None, int] = {None: 0, "exact": 1, "hutchinson": 2}
@@ -76,8 +79,38 @@ def _linear_parts(linear: nn.Module) -> tuple[Tensor, list[Tensor], Tensor | Non
             return linear.sparse.values, list(linear.sparse.pattern)[:_CSR_FIELDS], linear.bias
         if fmt == "masked":
             return linear.sparse.to_dense(), [], linear.bias
-        raise Unsupported(f"a {fmt} layer (the fused op takes dense, masked and CSR layers)")
+        if fmt == "bsr":
+            index, pattern = bsr_csr_view(linear.sparse)
+            return linear.sparse.values.reshape(-1)[index], pattern, linear.bias
+        raise Unsupported(f"a {fmt} layer (the fused op takes dense, masked, CSR and BSR layers)")
     raise Unsupported(f"a layer of type {type(linear).__name__}")
+
+
+def bsr_csr_view(sparse: nn.Module) -> tuple[Tensor, list[Tensor]]:
+    """(index (nnz,), the 5 CSR pattern tensors) of a BSR ``SparseWeight``'s kept entries:
+    ``values.reshape(-1)[index]`` are its CSR values. Built on the first call for a pattern and
+    cached on the module (a new pattern, e.g. after loading, builds it again), never per call."""
+    pattern = sparse.pattern
+    cached = sparse.__dict__.get("_fused_csr_view")
+    if cached is not None and all(a is b for a, b in zip(cached[0], pattern)):
+        return cached[1], cached[2]
+    index, csr = _csr_of_blocks(pattern, *sparse.shape)
+    sparse.__dict__["_fused_csr_view"] = (tuple(pattern), index, csr)
+    return index, csr
+
+
+def _csr_of_blocks(pattern: BSRPattern, n: int, k: int) -> tuple[Tensor, list[Tensor]]:
+    """The CSR view of bsr_csr_view, on the pattern's device (index arrays int64)."""
+    n_blocks, bh, bw = pattern.block_mask.shape
+    flat = pattern.block_mask.reshape(-1).nonzero().reshape(-1)  # kept entries, (block, i, j) order
+    block, within = flat // (bh * bw), flat % (bh * bw)
+    rows = row_of_each(pattern.crow)[block] * bh + within // bw
+    cols = pattern.col[block] * bw + within % bw
+    order = torch.argsort(rows * k + cols)
+    rows, cols, index = rows[order].contiguous(), cols[order].contiguous(), flat[order].contiguous()
+    crow, crow_t, col_t, perm = compressed(rows.cpu(), cols.cpu(), n, k)
+    dev = pattern.crow.device
+    return index, [t.to(dev) for t in (crow, cols, crow_t, col_t, perm)]
 
 
 def _time_layer_parts(layer: nn.Module, t: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None, Tensor | None]:

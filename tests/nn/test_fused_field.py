@@ -216,14 +216,14 @@ def test_nonfinite_state_gives_nan_for_that_sample_only():
     assert torch.isfinite(f[[0, 1, 3, 4]]).all() and torch.isfinite(term[[0, 1, 3, 4]]).all()
 
 
-def test_bsr_field_runs_layer_by_layer_with_one_warning():
+def test_unsupported_field_runs_layer_by_layer_with_one_warning():
+    # (BSR layers run inside the op: tests/nn/test_fused_field_bsr.py)
     dense = _pruned_field(None, "tanh", hidden=(16, 16))
-    with pytest.warns(UserWarning, match="does not tile"):  # the 3-wide layers are stored as CSR
-        field = so.sparsify(_pruned_field(None, "tanh", hidden=(16, 16)), format="bsr", block=(8, 8))
+    field = so.sparsify(_pruned_field(None, "tanh", hidden=(16, 16)), format="csr", backend="torch")
     reason = ff.unsupported_reason(field)
-    assert reason is not None and "bsr" in reason
+    assert reason is not None and "pinned to backend 'torch'" in reason
     z = torch.randn(6, 3)
-    with pytest.warns(RuntimeWarning, match="runs layer by layer.*bsr"):
+    with pytest.warns(RuntimeWarning, match="runs layer by layer.*pinned"):
         got = field(0.0, z)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per field, not per call
