@@ -166,10 +166,10 @@ class RewindPoint:
         self.steps = 0
         self.weights = snapshot_weights(self.model) if self.k == 0 else None
 
-    def __call__(self, state: Any) -> bool:  # noqa: ARG002
+    def __call__(self, state: Any) -> bool:
         self.steps += 1
-        if self.steps == self.k:
-            self.weights = snapshot_weights(self.model)
+        if self.steps == self.k:  # the state's model: the masked model, also in a sparse round
+            self.weights = snapshot_weights(getattr(state, "model", self.model))
         return False
 
     def finish(self) -> dict[str, torch.Tensor]:
@@ -178,6 +178,45 @@ class RewindPoint:
                           "steps; rewinding to its final weights", stacklevel=3)
             self.weights = snapshot_weights(self.model)
         return self.weights
+
+
+class LRProbe:
+    """``fit`` callback of every round: the learning rate (first parameter group) of the round's
+    first and last optimiser step; NaN for a fit that calls no callback."""
+
+    def __init__(self) -> None:
+        self.first = self.last = math.nan
+
+    def start(self) -> None:
+        self.first = self.last = math.nan
+
+    def __call__(self, state: Any) -> bool:
+        groups = getattr(getattr(state, "optimizer", None), "param_groups", None)
+        if groups:
+            self.last = float(groups[0]["lr"])
+            self.first = self.last if math.isnan(self.first) else self.first
+        return False
+
+
+def check_warm_restarts(warm_restarts: Any, fits: Sequence[Any]) -> bool:
+    """``warm_restarts`` checked (a bool); without warm restarts every fit must take the ``lr``
+    and ``milestones`` keywords (as :func:`sparseode.train.fit` does), which it is then given."""
+    if not isinstance(warm_restarts, bool):
+        raise TypeError(f"warm_restarts must be True or False, got {warm_restarts!r}")
+    if not warm_restarts:
+        import inspect
+
+        for fit in fits:
+            try:
+                params = inspect.signature(fit).parameters
+            except (TypeError, ValueError):
+                continue  # not introspectable: let the call tell
+            takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            if not takes_all and not {"lr", "milestones"} <= set(params):
+                raise TypeError("warm_restarts=False passes lr= and milestones= to the fit of every round after "
+                                f"the first, but {getattr(fit, '__name__', fit)!r} takes neither: use a "
+                                "functools.partial of sparseode.train.fit, or warm_restarts=True")
+    return warm_restarts
 
 
 # -- the state on disk -------------------------------------------------------------------------
@@ -222,6 +261,17 @@ def resume(model: nn.Module, ckpt_dir: Path, meta: dict[str, Any]) -> tuple[Prun
         load_pruned(model, torch.load(ckpt_dir / f"round_{last:02d}.pt", map_location="cpu", weights_only=True))
     rw = ckpt_dir / REWIND_FILE
     return hist, (torch.load(rw, map_location="cpu", weights_only=True) if rw.exists() else None)
+
+
+def check_floors(model: nn.Module, target: float, prune_kw: Mapping[str, Any]) -> None:
+    """Fail before any round when ``min_density``/``keep_dense`` are invalid or keep ``target`` out
+    of reach (``apply``'s errors, which name them): apply them once, to a copy, at ``target``."""
+    if "min_density" not in prune_kw and "keep_dense" not in prune_kw:
+        return
+    from sparseode.prune.checkpoint import clone
+    from sparseode.prune.masking import apply
+
+    apply(clone(model), "magnitude", target, **prune_kw)
 
 
 def current_sparsity(model: nn.Module, filter_fn: FilterFn | None) -> float:

@@ -29,10 +29,15 @@ class RoundRecord:
     time_s: float            # wall time of the round (scoring + pruning + retraining + eval)
     stop_reason: str         # "consistent" | "recovered" | "max_epochs" | "budget" (ran to the fit's end)
     final: bool = False
+    sparse: bool = False     # retrained on the sparsified model (iterative's sparse=)
+    lr_start: float = math.nan  # learning rate of the retraining's first / last optimiser step
+    lr_end: float = math.nan    # (NaN when the fit calls no callback)
     checks: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
 
-_KEYS = ("round", "target_sparsity", "sparsity", "val_metric", "steps", "epochs", "time_s", "stop_reason", "final")
+_KEYS = ("round", "target_sparsity", "sparsity", "val_metric", "steps", "epochs", "time_s", "stop_reason", "final",
+         "sparse", "lr_start", "lr_end")
+_NULLABLE = ("val_metric", "lr_start", "lr_end")  # NaN <-> None in JSON
 
 
 def _num(v: float, width: int, digits: int) -> str:
@@ -67,12 +72,14 @@ class PruneHistory:
         return self.rounds[i]
 
     def to_dicts(self) -> list[dict[str, Any]]:
-        """JSON-ready rounds (``val_metric`` None where there was no evaluation)."""
+        """JSON-ready rounds (``val_metric`` None where there was no evaluation, the ``lr_*`` None
+        where they are unknown)."""
         out = []
         for r in self.rounds:
             d = {k: getattr(r, k) for k in _KEYS}
-            if isinstance(d["val_metric"], float) and math.isnan(d["val_metric"]):
-                d["val_metric"] = None
+            for k in _NULLABLE:
+                if isinstance(d[k], float) and math.isnan(d[k]):
+                    d[k] = None
             out.append(d)
         return out
 
@@ -80,18 +87,18 @@ class PruneHistory:
     def from_dicts(cls, rounds: list[dict[str, Any]], dense_metric: float | None = None) -> PruneHistory:
         """The history of :meth:`to_dicts` (checks and checkpoints are not kept)."""
         names = {f.name for f in fields(RoundRecord)}
-        recs = [RoundRecord(**{k: (math.nan if k == "val_metric" and v is None else v)
+        recs = [RoundRecord(**{k: (math.nan if k in _NULLABLE and v is None else v)
                                for k, v in d.items() if k in names}) for d in rounds]
         return cls(rounds=recs, dense_metric=math.nan if dense_metric is None else dense_metric)
 
     def table(self) -> str:
         """One line per round; ``val`` is ``-`` where there was no validation metric."""
-        lines = [f"{'round':>5} {'sparsity':>8} {'val':>10} {'epochs':>7} {'steps':>6} {'time_s':>7}  stop"]
+        lines = [f"{'round':>5} {'sparsity':>8} {'val':>10} {'epochs':>7} {'steps':>6} {'time_s':>7} {'form':>6}  stop"]
         if not math.isnan(self.dense_metric):
             lines.append(f"{'dense':>5} {0.0:8.4f} {self.dense_metric:10.4f}")
         for r in self.rounds:
             lines.append(f"{r.round:>5} {r.sparsity:8.4f} {_num(r.val_metric, 10, 4)} {r.epochs:7.2f} "
-                         f"{r.steps:>6} {r.time_s:7.1f}  {r.stop_reason}")
+                         f"{r.steps:>6} {r.time_s:7.1f} {'sparse' if r.sparse else 'masked':>6}  {r.stop_reason}")
         lines.append(f"total epochs {self.total_epochs:.2f}, steps {self.total_steps}, "
                      f"time {self.total_time:.1f}s")
         if self.rounds and all(math.isnan(r.val_metric) for r in self.rounds):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -39,6 +40,7 @@ from sparseode.prune.masking import apply
 from sparseode.prune.presets import preset
 from sparseode.prune.report import sparsity
 from sparseode.prune.rewind import rewinding, snapshot_weights
+from sparseode.prune.sparse_retrain import SparseRetrain, auto_sparse, check_sparse
 
 __all__ = ["iterative", "one_shot", "default_schedule", "PruneHistory", "RoundRecord"]
 
@@ -74,6 +76,17 @@ def _check_args(method: str, granularity: str, stop: Any, rewind: Any) -> None:
         raise ValueError(f"rewind must be None, 'init' or an int >= 0, got {rewind!r}")
 
 
+def _sparse_mode(sparse: bool | str, model: nn.Module) -> bool | str:
+    """False (masked rounds), True or "auto" (sparse rounds as :class:`SparseRetrain` decides);
+    "auto" is False where the fused field op does not run the model."""
+    return sparse if sparse != "auto" or auto_sparse(model)[0] else False
+
+
+def _pass_through(**kwargs: Any) -> dict[str, Any]:
+    """The options of ``apply`` that were given (its defaults otherwise)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def _resolve_target(target: float | None, schedule: Any) -> float:
     if target is not None:
         return _check_sparsity(target, "target")
@@ -87,10 +100,14 @@ class _Cascade:
     the history, and where rounds are saved."""
 
     def __init__(self, model, fit, final_fit, stop, rewind, ckpt_dir, prune_kw, score_kw, evaluate,
-                 spe) -> None:
+                 spe, sparse, warm_restarts) -> None:
+        if sparse:  # retrain on the sparsified model; rewinding (set_rewind) wraps outside, on the masked one
+            fit, final_fit = SparseRetrain(fit, sparse), SparseRetrain(final_fit, sparse)
+        self.sparse_fits = (fit, final_fit) if sparse else None
         self.model, self.fit, self.final_fit, self.stop = model, fit, final_fit, stop
         self.rewind, self.ckpt_dir, self.prune_kw, self.score_kw = rewind, ckpt_dir, prune_kw, score_kw
-        self.evaluate, self.spe = evaluate, spe
+        self.evaluate, self.spe, self.warm = evaluate, spe, warm_restarts
+        self.lr, self.warned = cascade.LRProbe(), False
         self.rewind_point: RewindPoint | None = None
         self.hist = PruneHistory()
 
@@ -118,19 +135,27 @@ class _Cascade:
             self.rewind_point = RewindPoint(self.model, int(self.rewind))
         return self.hist.rounds[-1].round + 1 if self.hist.rounds else 0
 
+    def _fit_kwargs(self) -> dict[str, Any]:
+        """Without warm restarts, a round after the first trains at the learning rate the previous
+        round ended with, held constant."""
+        last = self.hist.rounds[-1].lr_end if self.hist.rounds else math.nan
+        return {} if self.warm or math.isnan(last) else {"lr": last, "milestones": ()}
+
     def _retrain(self, k: int, is_final: bool) -> tuple[Any, str, int, list]:
         extra: list[Any] = []
         if self.rewind_point is not None and k == 0 and not is_final:
             self.rewind_point.start()
             extra = [self.rewind_point]
+        self.lr.start()
+        kwargs = self._fit_kwargs()
         if self.stop is not None and not is_final:
             self.stop.start()
-            result = self.fit(self.model, callbacks=[self.stop, *extra])
+            result = self.fit(self.model, callbacks=[self.stop, *extra, self.lr], **kwargs)
             rec = self.stop.finish()
             reason, checks = rec["reason"], rec.get("checks", [])
             steps = int(getattr(result, "steps", rec["steps"]) or rec["steps"])
         else:
-            result = (self.final_fit if is_final else self.fit)(self.model, callbacks=extra)
+            result = (self.final_fit if is_final else self.fit)(self.model, callbacks=[*extra, self.lr], **kwargs)
             reason, checks, steps = "budget", [], int(getattr(result, "steps", 0) or 0)
         if extra:  # late rewinding: every later round's retraining starts from θ after k steps
             self.set_rewind(self.rewind_point.finish())
@@ -154,9 +179,22 @@ class _Cascade:
             self.spe = steps / float(result.epochs_run)
         val = float(self.evaluate(self.model)) if self.evaluate is not None else _val_from_result(result)
         distributed.check_same_masks(self.model, f"after retraining round {k}")
+        sparse = self.sparse_fits is not None and self.sparse_fits[int(is_final)].last_sparse
+        self._check_restart(k)
         return RoundRecord(round=k, target_sparsity=1.0 - kr, sparsity=achieved, val_metric=val, steps=steps,
                            epochs=_epochs_of(result, steps, self.spe), time_s=time.perf_counter() - t0,
-                           stop_reason=reason, final=is_final, checks=checks)
+                           stop_reason=reason, final=is_final, sparse=sparse, lr_start=self.lr.first,
+                           lr_end=self.lr.last, checks=checks)
+
+    def _check_restart(self, k: int) -> None:
+        """With warm restarts, say so once when a round did not start at the first round's LR."""
+        first = next((r.lr_start for r in self.hist.rounds if not math.isnan(r.lr_start)), math.nan)
+        if (self.warm and not self.warned and not math.isnan(first) and not math.isnan(self.lr.first)
+                and not math.isclose(self.lr.first, first, rel_tol=1e-9) and distributed.is_main()):
+            warnings.warn(f"iterative(warm_restarts=True): round {k} started at lr {self.lr.first:g}, the first round "
+                          f"at {first:g}: the fit does not restart its learning-rate schedule (it must build its "
+                          "optimiser and scheduler per call, as sparseode.train.fit does)", stacklevel=4)
+            self.warned = True
 
 
 def iterative(
@@ -184,6 +222,10 @@ def iterative(
     pq_params: Mapping[str, float] | None = None,
     rewind: None | str | int = None,
     resume: bool = False,
+    sparse: bool | str = "auto",
+    warm_restarts: bool = True,
+    min_density: float | Mapping[str, float] | None = None,
+    keep_dense: Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
 ) -> PruneHistory:
     """Prune-retrain cascade: prune, retrain from the current weights, repeat; in place.
 
@@ -238,6 +280,26 @@ def iterative(
             added to that round's ``fit``; ``k = 0``: right after the first pruning step; if the
             first retraining runs fewer than ``k`` steps, its final weights, with a warning); the
             first round itself is not rewound.
+        sparse: retrain each round on the sparsified model (:mod:`sparseode.prune.sparse_retrain`):
+            ``fit`` gets a ``sparsify``'d copy holding the round's pattern, and the trained values
+            come back into the masked ``model``, which everything else (scoring, pruning, ``stop``,
+            rewinding, ``evaluate``, checkpoints) reads; masks never change. ``True``: every pruned
+            layer is CSR; ``"auto"`` (default): only where the fused field op runs the model (an
+            ``MLPVectorField`` on the CPU, the C++ extension loaded) and only layers at density <=
+            0.5 (a round with none trains masked); ``False``: masked dense rounds. ``fit`` must
+            build its optimiser from the model it is given (no optimiser state crosses rounds);
+            a ``fit`` wrapper that reads weights by name sees the sparse model (use ``rewind=``,
+            not :func:`rewinding`). The history says per round (``RoundRecord.sparse``).
+        warm_restarts: ``True`` (default, as in the Sparse Flows paper): every round's ``fit``
+            starts its learning-rate schedule afresh, at the initial LR (``fit`` builds its
+            optimiser and schedule per call; a warning says when a round's first LR differs from
+            the first round's). ``False`` (fine-tuning): every round after the first gets ``lr=``
+            the LR of the previous round's last step and ``milestones=()`` (constant), so ``fit``
+            must take those keywords, as :func:`sparseode.train.fit` does. Each round records
+            ``lr_start``/``lr_end``.
+        min_density, keep_dense: passed to every pruning step (:func:`sparseode.prune.apply`):
+            the least share of its weights every layer (or each named layer) keeps, and layers
+            never pruned; checked at the start against ``target``.
 
     Under ``torchrun`` (a process group, :mod:`sparseode.distributed`) every rank runs this with
     the same arguments: ``fit`` trains data-parallel, a data-driven measure scores on each rank's
@@ -255,6 +317,7 @@ def iterative(
         checkpoint (``history.checkpoints``, CPU copies; load with :func:`load_pruned`).
     """
     _check_args(method, granularity, stop, rewind)
+    sparse = _sparse_mode(check_sparse(sparse), model)
     target = _resolve_target(target, schedule)
     plan = Plan(target, schedule, rounds, pq_params, filter_fn)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -266,9 +329,12 @@ def iterative(
     plan.skip_pruned(cascade.current_sparsity(model, filter_fn))
     meta = {"target": target, "method": method, "granularity": granularity,
             "keep": "pq" if plan.adaptive else plan.keep}
-    run = _Cascade(model, fit, final_fit or fit, stop, rewind, ckpt_dir,
-                   {"granularity": granularity, "block": block, "scope": scope, "filter_fn": filter_fn},
-                   {"loss_fn": loss_fn, "data": data, "n_batches": n_batches}, evaluate, steps_per_epoch)
+    prune_kw = {"granularity": granularity, "block": block, "scope": scope, "filter_fn": filter_fn,
+                **_pass_through(min_density=min_density, keep_dense=keep_dense)}
+    cascade.check_floors(model, target, prune_kw)
+    run = _Cascade(model, fit, final_fit or fit, stop, rewind, ckpt_dir, prune_kw,
+                   {"loss_fn": loss_fn, "data": data, "n_batches": n_batches}, evaluate, steps_per_epoch, sparse,
+                   cascade.check_warm_restarts(warm_restarts, [fit, final_fit or fit]))
     first = run.start(resume, meta)
     bar = tqdm(plan.rounds(model, first), total=len(plan) - first if len(plan) else None,
                desc=f"prune {method}", disable=not progress or not distributed.is_main(), leave=False)
