@@ -101,7 +101,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+SPARSE_FLAG = {"auto": "auto", "on": True, "off": False}  # --sparse -> iterative(sparse=)
+
+
 def _prune_args(p: argparse.ArgumentParser) -> None:
+    from sparseode.prune.presets import PRESETS
+
     p.add_argument("--checkpoint", required=True, help="model.pt written by `sparseode train` (or sparseode.save)")
     p.add_argument("--dataset", default=None, help="retraining data (default: the one in train.json beside it)")
     p.add_argument("--target", type=float, default=0.9, help="final sparsity in [0, 1)")
@@ -113,6 +118,15 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/prune", help="folder for pruned.pt, sparse.pt (sparseode.save), prune.json")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped run from its last round saved in OUT/rounds")
+    p.add_argument("--sparse", choices=["auto", "on", "off"], default="auto",
+                   help="retrain each round on the sparsified model: auto = where the fused field op makes it "
+                        "faster (fields on the CPU with the C++ extension, layers at density <= 0.5); on = always; "
+                        "off = masked dense retraining")
+    p.add_argument("--schedule", default=None, choices=sorted(PRESETS),
+                   help="a preset cascade of the Sparse Flows paper instead of --rounds (its rounds; --target "
+                        "truncates it)")
+    p.add_argument("--min-density", type=float, default=None,
+                   help="the least share of its weights every layer keeps (sparseode.prune.apply)")
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -140,16 +154,19 @@ def _prune(args: argparse.Namespace) -> int:
         stop = prune.ICP(probe=probe)
     tensors = (train,) if isinstance(train, torch.Tensor) else tuple(train)
     scoring = [tuple(t[i:i + 512] for t in tensors) for i in range(0, 4 * 512, 512)]  # data-driven measures
-    history = prune.iterative(model, fit=retrain, target=args.target, rounds=args.rounds, method=args.method,
+    history = prune.iterative(model, fit=retrain, target=args.target, schedule=args.schedule,
+                              rounds=None if args.schedule else args.rounds, method=args.method,
                               granularity=args.granularity, stop=stop, data=scoring, n_batches=len(scoring),
-                              checkpoint_dir=Path(args.out) / "rounds", resume=args.resume)
+                              checkpoint_dir=Path(args.out) / "rounds", resume=args.resume,
+                              sparse=SPARSE_FLAG[args.sparse], min_density=args.min_density)
     if not main:
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     save(model, Path(args.out) / "pruned.pt")
     save(sparsify(model), Path(args.out) / "sparse.pt")
     _write_record(args.out, "prune.json", {"checkpoint": args.checkpoint, "target": args.target,
-                                           "method": args.method, "stop": args.stop, "rounds": history.to_dicts(),
+                                           "method": args.method, "stop": args.stop, "sparse": args.sparse,
+                                           "schedule": args.schedule, "rounds": history.to_dicts(),
                                            "total_epochs": history.total_epochs})
     print(prune.sparsity(model))
     print(f"retraining epochs {history.total_epochs:.1f}; wrote {args.out}/pruned.pt, sparse.pt, prune.json")
