@@ -183,11 +183,22 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1000], help="batch sizes")
     p.add_argument("--tasks", nargs="+", choices=benchmark.TASKS, default=["log_prob"], help="what to time")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json")
+    suites = p.add_subparsers(dest="suite", metavar="SUITE", help="field: issue 16's field benchmark instead")
+    field = suites.add_parser("field", help="the fused field against dense torch/A and B (sparseode.fieldbench)",
+                              description="the fused field against dense torch/A and B (sparseode.fieldbench)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from sparseode import fieldbench
+
+    fieldbench.add_arguments(field)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from sparseode import benchmark
 
+    if args.suite == "field":
+        from sparseode import fieldbench
+
+        return fieldbench.run_from_args(args)
     print(benchmark.HEADER)
     rows = benchmark.run(args.fields, args.density, args.batch, args.tasks, device=args.device,
                          report=lambda r: print(benchmark.format_row(r), flush=True))
@@ -200,7 +211,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "demo": ("train a CNF, prune it to 90% and 98%, sparsify, and compare solves", _demo_args, _demo),
     "train": ("train a CNF or an ODE classifier on a toy dataset", _train_args, _train),
     "prune": ("prune a trained checkpoint iteratively (optionally with ICP) and sparsify it", _prune_args, _prune),
-    "bench": ("time CNF solves: dense vs masked vs sparsified (sparseode.benchmark)", _bench_args, _bench),
+    "bench": ("time CNF solves: dense vs masked vs sparsified (sparseode.benchmark); `bench field`: the fused "
+              "field grid of issue 16 (sparseode.fieldbench)", _bench_args, _bench),
 }
 
 
