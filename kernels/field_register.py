@@ -15,16 +15,21 @@ from typing import Callable
 
 import torch
 
-#: The ops this module serves on CUDA, each by the launch function of the same name.
-FIELD_OPS: tuple[str, ...] = ("mlp_field", "field_spmm_t_fm", "field_sddmm_fm")
+#: The ops this module serves on CUDA -> the module (of sparseode.kernels) whose function of the
+#: same name is the kernel. An op the extension does not declare is skipped (the backward's two
+#: products were ops of their own before the backward became one op).
+FIELD_OPS: dict[str, str] = {"mlp_field": "field_launch", "mlp_field_backward": "field_backward",
+                             "field_spmm_t_fm": "field_launch", "field_sddmm_fm": "field_launch"}
 
 _LIB: torch.library.Library | None = None
 _REGISTERED: tuple[str, ...] = ()
 
 
 def _lazy(name: str) -> Callable:
+    module = f"sparseode.kernels.{FIELD_OPS[name]}"
+
     def kernel(*args):
-        return getattr(importlib.import_module("sparseode.kernels.field_launch"), name)(*args)
+        return getattr(importlib.import_module(module), name)(*args)
 
     kernel.__name__ = f"triton_{name}"
     return kernel
