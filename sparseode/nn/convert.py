@@ -307,8 +307,12 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     layers and sparse fields become ``ConcatLinear`` and ``MLPVectorField`` again.
 
     A sparse layer stores only the kept weights, so a restored ``weight_orig`` holds zeros where
-    the mask prunes (what ``torch.nn.utils.prune.remove`` would bake in); everything the model
-    computes with, and every mask, comes back exactly. ``model`` is left as it was unless
+    the mask prunes. For a model pruned by :mod:`sparseode.prune` that is what it held (``apply``
+    and ``rewind_to`` leave zeros there): ``densify(sparsify(m))`` equals ``m`` in every
+    state-dict key and value. A model pruned by ``torch.nn.utils.prune`` directly keeps the old
+    values at pruned positions, which it never computes with; they come back as zeros (what
+    ``torch.nn.utils.prune.remove`` would bake in), everything the model computes with, and every
+    mask, exactly. So does a pruned entry an optimiser moved with momentum from before the pruning. ``model`` is left as it was unless
     ``inplace=True``; returns the dense model.
     """
     return _top_level(model if inplace else _copy(model), _densify_children)

@@ -10,7 +10,9 @@ here, and models pruned here can be handled by ``torch.nn.utils.prune`` (e.g. ``
 Because the forward pass always multiplies by the mask, the gradient reaching ``weight_orig`` is
 ``mask ⊙ ∂L/∂weight``: pruned entries get exactly zero gradient, and whatever an optimiser does
 to ``weight_orig`` at a pruned entry (AdamW's decoupled weight decay, stale momentum) never
-reaches the effective weight.
+reaches the effective weight. :func:`apply` zeroes ``weight_orig`` where it prunes (the value is
+never used again: scores and masks read ``weight_orig ⊙ mask``), so a pruned entry stays zero
+under a fresh optimiser; ``torch.nn.utils.prune`` itself keeps the old values there.
 
 How weight entries group into units is a granularity (:mod:`sparseode.prune.granularity`).
 """
@@ -37,7 +39,10 @@ KeepDense = Union[Sequence[str], FilterFn]
 
 
 def _set_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
-    """Compose ``mask`` into ``module.<name>``'s mask (installing the torch layout if needed)."""
+    """Compose ``mask`` into ``module.<name>``'s mask (installing the torch layout if needed) and
+    zero ``<name>_orig`` where the mask prunes: the model then holds nothing it does not compute
+    with, so a sparse copy that stores only kept weights loses no value (``densify(sparsify(m))``
+    equals ``m`` in every state-dict entry)."""
     mask = mask.to(device=getattr(module, name).device)
     buf = pruned.mask(module, name)
     if buf is not None:
@@ -45,6 +50,8 @@ def _set_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     else:
         torch_prune.custom_from_mask(module, name, mask)
     with torch.no_grad():
+        orig = getattr(module, name + "_orig")
+        orig.mul_(pruned.mask(module, name).to(orig.dtype))
         # refresh the attribute now (the pre-hook refreshes it again before every call)
         setattr(module, name, pruned.effective(module, name))
 

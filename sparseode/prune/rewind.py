@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from sparseode.pruned import logical_names
+from sparseode.pruned import logical_names, pruned_tensor_names
 
 __all__ = ["rewinding", "rewind_to", "snapshot_weights"]
 
@@ -62,6 +62,9 @@ def rewind_to(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
             if tuple(src.shape) != tuple(p.shape):
                 raise ValueError(f"rewind weight {key!r} has shape {tuple(src.shape)}, parameter {tuple(p.shape)}")
             p.copy_(src.to(p.device, p.dtype))
+        for module in model.modules():  # pruned entries of *_orig stay zero, as prune.apply leaves them
+            for t in pruned_tensor_names(module):
+                getattr(module, t + "_orig").mul_(getattr(module, t + "_mask"))
 
 
 def rewinding(fit: FitFn, model: nn.Module, rewind: None | str | int | Mapping[str, torch.Tensor] = "init") -> FitFn:
