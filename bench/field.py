@@ -9,7 +9,7 @@ values (training: loss and every gradient) against the masked dense model before
     python bench/field.py --quick                            # toy and POWER, 2 densities, batch 1000
     python bench/field.py --archs wide256 --densities 0.1 0.02 --batches 1000 --tasks forward train
     python bench/field.py --dry-run                          # the cells and the time estimate only
-    python bench/field.py --table bench/results/<file>.json  # README's table from an earlier run
+    python bench/field.py --table bench/results/<a>.json [<b>.json]   # README's table from earlier runs
 
 The same as ``sparseode bench field [options]``. Writes bench/results/field-<grid>-cpu-<machine>-
 <threads>threads.{json,csv,md} and prints the markdown table of ratios that README pastes.

@@ -145,13 +145,16 @@ def test_markdown_table_of_rows():
 
 
 def test_sparseode_bench_field_command_and_table_regeneration(tmp_path, capsys):
-    argv = ["bench", "field", "--archs", "toy64", "--densities", "0.5", "--batches", "8", "--tasks", "forward",
-            "--out-dir", str(tmp_path), *TINY]
-    assert cli.main(argv) == 0
-    table = (tmp_path / "tiny.md").read_text().strip()
+    tables = []
+    for density in ("0.5", "0.1"):
+        argv = ["bench", "field", "--archs", "toy64", "--densities", density, "--batches", "8", "--tasks", "forward",
+                "--json", str(tmp_path / f"d{density}.json"), *TINY]
+        assert cli.main(argv) == 0
+        tables.append((tmp_path / f"d{density}.md").read_text().strip().splitlines())
     capsys.readouterr()
-    assert cli.main(["bench", "field", "--table", str(tmp_path / "tiny.json")]) == 0
-    assert capsys.readouterr().out.strip() == table
+    assert cli.main(["bench", "field", "--table", str(tmp_path / "d0.5.json"), str(tmp_path / "d0.1.json")]) == 0
+    # one table: the header once, then both runs' rows in order
+    assert capsys.readouterr().out.strip().splitlines() == tables[0] + tables[1][2:]
 
 
 def test_bench_field_help_shows_every_option_with_its_default(capsys):

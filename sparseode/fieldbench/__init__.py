@@ -79,8 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write the JSON here (the CSV and markdown beside it), instead of --out-dir/--name")
     p.add_argument("--dry-run", action="store_true", help="print the cells and the time estimate, run nothing")
-    p.add_argument("--table", metavar="JSON", default=None,
-                   help="print the markdown table of an earlier run's JSON and exit")
+    p.add_argument("--table", metavar="JSON", nargs="+", default=None,
+                   help="print the markdown table of earlier runs' JSON files (rows in order) and exit")
 
 
 def _grid(args: argparse.Namespace) -> tuple[str, Grid]:
@@ -102,7 +102,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark as ``args`` (from :func:`add_arguments`) say; 0 on success, 1 when a
     check failed or nothing was selected."""
     if args.table:
-        print(table_from_json(args.table))
+        print(table_from_json(*args.table))
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -48,8 +48,10 @@ def output_stem(grid_name: str, threads: int) -> str:
 def metadata(grid_name: str, options: dict, settings: dict, estimate_s: float, took_s: float,
              left_out: list) -> dict:
     """What the JSON records about the run: grid, machine, threads, torch, arguments, times."""
+    from sparseode.ops.extension import cpu_capability
+
     return dict(grid=grid_name, machine=machine_name(), processor=platform.processor(),
-                threads=torch.get_num_threads(), torch=torch.__version__, options=options, settings=settings,
+                cpu_kernel_variant=cpu_capability(), threads=torch.get_num_threads(), torch=torch.__version__, options=options, settings=settings,
                 estimate_s=estimate_s, took_s=took_s, left_out=[list(c) for c in left_out])
 
 
@@ -97,6 +99,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def table_from_json(path: str | Path) -> str:
-    """The markdown table of a JSON file this benchmark wrote."""
-    return markdown_table(json.loads(Path(path).read_text())["rows"])
+def table_from_json(*paths: str | Path) -> str:
+    """The markdown table of the rows of JSON files this benchmark wrote, in the order given."""
+    return markdown_table([row for path in paths for row in json.loads(Path(path).read_text())["rows"]])

@@ -7,6 +7,13 @@ weights: their cost does not depend on the weights' values. Then for each densit
 A runs on that density's weights, the sparse form is checked against it and timed. Every check
 call is also the checked form's warm-up; training checks take the Adam step, so that timed steps
 find the optimizer's state in place.
+
+Row keys: ``field``, ``dim``, ``hidden``, ``time``, ``flows``, ``density``, ``batch``, ``task``;
+``nfe`` (field evaluations of the task, equal for every form: checked); ``flop_ratio``; ``A_ms``,
+``B_ms`` (the cell's baselines, the same in each of its rows), ``sparse_ms`` (medians);
+``repeats`` (timed calls per form); ``sparse_vs_A`` = A_ms / sparse_ms, ``sparse_vs_B``,
+``B_vs_A`` likewise (> 1: the first named is faster); ``max_rel_error`` (the sparse check's worst relative error) and
+``B_max_rel_error`` (B's, on the first density); ``wall_s`` (the row's seconds, checks included).
 """
 from __future__ import annotations
 
