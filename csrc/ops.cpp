@@ -43,7 +43,8 @@ TORCH_LIBRARY(sparseode, m) {
   // (trace 0 none, 1 exact, 2 Hutchinson with `probe`) and, when `save`, the products the backward
   // needs; sparseode/nn/fused_field.py holds its fake kernel and autograd.
   m.def("mlp_field(Tensor z, Tensor? probe, Tensor[] weights, Tensor[] patterns, Tensor?[] scales, Tensor?[] shifts, str activation, int trace, bool save) -> (Tensor, Tensor, Tensor[])");
-  // its backward's sparse products on feature-major panels (csrc/cpu/field_backward_cpu.cpp)
-  m.def("field_spmm_t_fm(Tensor a, Tensor values_t, Tensor crow_t, Tensor col_t) -> Tensor");
-  m.def("field_sddmm_fm(Tensor a, Tensor c, Tensor crow, Tensor col) -> Tensor");
+  // its hand-written backward (csrc/cpu/field_backward_cpu.cpp) from the forward's `saved` products:
+  // (grad z, grad probe ((0,) unless Hutchinson with grad_trace), grad per weight, grad per scale and
+  // per shift ((0,) where that entry is None))
+  m.def("mlp_field_backward(Tensor z, Tensor? probe, Tensor[] weights, Tensor[] patterns, Tensor?[] scales, Tensor?[] shifts, Tensor[] saved, Tensor? grad_f, Tensor? grad_trace, str activation, int trace) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
 }

@@ -1,92 +1,266 @@
-// The two sparse products of the fused field's backward, on feature-major panels (features x
-// columns, columns = batch x (1 + tangents), contiguous), so the backward never transposes:
-//   field_spmm_t_fm: W^T a for a CSR weight given by its transposed pattern, (N, P) -> (K, P)
-//   field_sddmm_fm:  (a c^T) at the stored positions of a CSR weight: a (N, P), c (K, P) -> (nnz,)
+// The fused field's backward op sparseode::mlp_field_backward (formulas in field_backward_kernels.h):
+// argument checks, W^T of every layer, the tile width, and the batch split into one chunk of tiles
+// per thread, each with its own accumulator of the weight, scale and shift gradients, summed after
+// (in chunk order, so a given thread count gives the same bits every run).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
+#include <vector>
 
 #include "../common.h"
-#include "field_table.h"
+#include "field_backward_table.h"
+#include "field_cpu.h"
 
 namespace sparseode::cpu {
+
+const FieldBackwardKernels& field_backward_kernels() {
+  static const FieldBackwardKernels& chosen = []() -> const FieldBackwardKernels& {
+    const std::string name = field_kernels().name;
+#if defined(__x86_64__) || defined(__i386__)
+    if (name == "avx512") return field_backward_kernels_avx512();
+    if (name == "avx2") return field_backward_kernels_avx2();
+#endif
+    return field_backward_kernels_default();
+  }();
+  return chosen;
+}
+
 namespace {
 
-// Columns per task of W^T a: a chunk of every row of `a` stays in L2 while the rows that read it
-// are computed.
-constexpr int64_t kChunk = 512;
+constexpr int64_t kCsrFields = 5;  // crow, col, crow_t, col_t, perm
 
-void check_panel(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, name, " must be a 2-D feature-major panel, got shape ", t.sizes());
+// Tile width: a whole number of SIMD registers, at most 4 of them, with the tile's five panels of
+// the widest layer within ~L2/2, and small enough that every thread gets a tile.
+int64_t backward_tile(int64_t lanes, int64_t elem, int64_t B, int64_t width, int64_t mb) {
+  constexpr int64_t kScratchBytes = 512 * 1024;
+  const int64_t per_thread = (B + at::get_num_threads() - 1) / at::get_num_threads();
+  int64_t tb = lanes;
+  while (tb < 4 * lanes && tb < per_thread && width * (3 * (1 + mb) + 2) * (2 * tb) * elem <= kScratchBytes) tb *= 2;
+  return tb;
+}
+
+struct Args {
+  const at::Tensor& z;
+  at::TensorList weights;
+  at::TensorList patterns;
+  const c10::List<std::optional<at::Tensor>>& scales;
+  const c10::List<std::optional<at::Tensor>>& shifts;
+  at::TensorList saved;
+};
+
+void check_like_z(const at::Tensor& z, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == z.scalar_type(), name, " must have z's dtype ", z.scalar_type(), ", got ",
+              t.scalar_type());
   CHECK_DEVICE_TYPE(t, at::kCPU);
-  CHECK_FLOATING(t);
+}
+
+void check_vector(const at::Tensor& z, const std::optional<at::Tensor>& v, int64_t n, const char* name, size_t l) {
+  if (!v.has_value()) return;
+  CHECK_SAME_DTYPE(z, (*v));
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == n, name, "[", l, "] must have shape (", n, ",), got ", v->sizes());
+}
+
+// Per-layer (N, K), checking that the layers chain from d back to d and that saved holds the
+// forward's products for m tangents.
+std::vector<std::pair<int64_t, int64_t>> check_layers(const Args& a, int64_t d, int64_t m, int64_t trace) {
+  const size_t L = a.weights.size();
+  TORCH_CHECK(L >= 1, "weights must hold at least one layer");
+  TORCH_CHECK(a.scales.size() == L && a.shifts.size() == L && a.saved.size() == L,
+              "scales, shifts and saved must hold one entry per layer (", L, "), got ", a.scales.size(), ", ",
+              a.shifts.size(), " and ", a.saved.size());
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  int64_t k = d;
+  size_t p = 0;
+  const int64_t B = a.z.size(0);
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor& w = a.weights[l];
+    CHECK_SAME_DTYPE(a.z, w);
+    CHECK_DEVICE_TYPE(w, at::kCPU);
+    int64_t n;
+    if (w.dim() == 2) {
+      TORCH_CHECK(w.size(1) == k, "weights[", l, "] has ", w.size(1), " input features, expected ", k);
+      n = w.size(0);
+    } else {
+      TORCH_CHECK(w.dim() == 1, "weights[", l, "] must be a dense (N, K) weight or CSR values (nnz,), got shape ",
+                  w.sizes());
+      TORCH_CHECK(p + kCsrFields <= a.patterns.size(), "patterns must hold 5 tensors per CSR layer; layer ", l,
+                  " has none");
+      for (size_t q = p; q < p + kCsrFields; ++q) CHECK_INDEX(a.patterns[q]);
+      const at::Tensor &crow = a.patterns[p], &col = a.patterns[p + 1], &crow_t = a.patterns[p + 2];
+      const int64_t nnz = w.size(0);
+      TORCH_CHECK(crow.size(0) >= 1 && col.size(0) == nnz && a.patterns[p + 3].size(0) == nnz &&
+                      a.patterns[p + 4].size(0) == nnz,
+                  "layer ", l, ": the pattern does not match ", nnz, " stored values");
+      TORCH_CHECK(crow_t.size(0) - 1 == k, "layer ", l, " has ", crow_t.size(0) - 1, " input features, expected ", k);
+      n = crow.size(0) - 1;
+      p += kCsrFields;
+    }
+    check_vector(a.z, a.scales[l], n, "scales", l);
+    check_vector(a.z, a.shifts[l], n, "shifts", l);
+    const int64_t groups = l + 1 < L ? 1 + m : 1 + (trace > 0);
+    CHECK_SAME_DTYPE(a.z, a.saved[l]);
+    TORCH_CHECK(a.saved[l].dim() == 3 && a.saved[l].size(0) == n && a.saved[l].size(1) == groups &&
+                    a.saved[l].size(2) == B,
+                "saved[", l, "] must be the forward's products of shape (", n, ", ", groups, ", ", B, "), got ",
+                a.saved[l].sizes());
+    dims.emplace_back(n, k);
+    k = n;
+  }
+  TORCH_CHECK(k == d, "the last layer has ", k, " outputs, expected the state size ", d);
+  TORCH_CHECK(p == a.patterns.size(), "patterns holds ", a.patterns.size(), " tensors, the CSR layers use ", p);
+  return dims;
+}
+
+// The backward's layers (pointers into `keep`, which holds the contiguous copies and the W^T) and
+// the size of one chunk's accumulator.
+template <typename T>
+int64_t make_layers(const Args& a, const std::vector<std::pair<int64_t, int64_t>>& dims, std::vector<at::Tensor>& keep,
+                    std::vector<FieldBackLayer<T>>& layers) {
+  const auto ptr = [&](const at::Tensor& t) {
+    keep.push_back(t.contiguous());
+    return keep.back().data_ptr<T>();
+  };
+  const auto index = [&](const at::Tensor& t) {
+    keep.push_back(t.contiguous());
+    return keep.back().data_ptr<int64_t>();
+  };
+  int64_t acc = 0;
+  size_t p = 0;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    FieldBackLayer<T>& layer = layers[l];
+    FieldLayer<T>& f = layer.fwd;
+    f.N = dims[l].first;
+    f.K = dims[l].second;
+    const at::Tensor& w = a.weights[l];
+    f.w = ptr(w);
+    if (w.dim() == 1) {
+      f.crow = index(a.patterns[p]);
+      f.col = index(a.patterns[p + 1]);
+      layer.crow_t = index(a.patterns[p + 2]);
+      layer.col_t = index(a.patterns[p + 3]);
+      layer.wt = ptr(w.index_select(0, a.patterns[p + 4]));
+      p += kCsrFields;
+    } else {
+      layer.wt = ptr(w.t().contiguous());
+    }
+    const std::optional<at::Tensor> s = a.scales[l], c = a.shifts[l];
+    if (s.has_value()) f.scale = ptr(*s);
+    if (c.has_value()) f.shift = ptr(*c);
+    f.saved = ptr(a.saved[l]);
+    f.groups = a.saved[l].size(1);
+    layer.gw = acc;
+    acc += w.numel();
+    if (f.scale) {
+      layer.gs = acc;
+      acc += f.N;
+    }
+    if (f.shift) {
+      layer.gc = acc;
+      acc += f.N;
+    }
+  }
+  return acc;
 }
 
 template <typename T>
-void spmm_t_fm_impl(const T* a, const T* values_t, const int64_t* crow_t, const int64_t* col_t, int64_t K,
-                    int64_t P, T* out) {
-  const auto row = field_kernels().of<T>().transposed_row;
-  const int64_t n_chunks = (P + kChunk - 1) / kChunk;
-  at::parallel_for(0, n_chunks * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task % K, j0 = (task / K) * kChunk, j1 = std::min(P, j0 + kChunk);
-      row(a, values_t, crow_t, col_t, P, k, j0, j1, out + k * P + j0);
+at::Tensor run(FieldBackCall<T> call, const std::vector<FieldBackLayer<T>>& layers, int64_t acc_size, int64_t width,
+               const at::TensorOptions& options) {
+  call.TB = backward_tile(field_kernels().lanes<T>(), sizeof(T), call.B, width, call.mb);
+  call.PW = (1 + call.mb) * call.TB;
+  call.layers = layers.data();
+  call.n_layers = static_cast<int64_t>(layers.size());
+  const int64_t n_tiles = (call.B + call.TB - 1) / call.TB;
+  int64_t work = 0;
+  for (const auto& layer : layers) work += 2 * (layer.fwd.crow ? layer.fwd.crow[layer.fwd.N] : layer.fwd.N * layer.fwd.K);
+  const bool tiny = work * call.PW * n_tiles < (1 << 16);  // no thread wake-up for a tiny call
+  const int64_t chunks = tiny ? 1 : std::min<int64_t>(at::get_num_threads(), n_tiles);
+  const int64_t per_chunk = (n_tiles + chunks - 1) / chunks;
+  at::Tensor acc = at::zeros({chunks, acc_size}, options);
+  const auto tiles = field_backward_kernels().of<T>().tiles;
+  T* acc_data = acc.data_ptr<T>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const size_t panel = static_cast<size_t>(width * call.PW), row = static_cast<size_t>(width * call.TB);
+    std::vector<T> buf(3 * panel + 2 * row);
+    for (int64_t c = c0; c < c1; ++c) {
+      const FieldBackScratch<T> s{buf.data(), buf.data() + panel, buf.data() + 2 * panel, buf.data() + 3 * panel,
+                                  buf.data() + 3 * panel + row, acc_data + c * acc_size};
+      tiles(call, c * per_chunk, std::min(n_tiles, (c + 1) * per_chunk), s);
     }
   });
-}
-
-template <typename T>
-void sddmm_fm_impl(const T* a, const T* c, const int64_t* crow, const int64_t* col, int64_t N, int64_t P, T* out) {
-  const auto rows = field_kernels().of<T>().sddmm_rows;
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) { rows(a, c, crow, col, P, begin, end, out); });
+  return chunks == 1 ? acc[0] : acc.sum(0);
 }
 
 }  // namespace
 
-at::Tensor field_spmm_t_fm(const at::Tensor& a_in, const at::Tensor& values_t, const at::Tensor& crow_t,
-                           const at::Tensor& col_t) {
-  check_panel(a_in, "a");
-  CHECK_INDEX(crow_t);
-  CHECK_INDEX(col_t);
-  CHECK_SAME_DTYPE(a_in, values_t);
-  TORCH_CHECK(values_t.dim() == 1 && values_t.size(0) == col_t.size(0), "values_t must have shape (",
-              col_t.size(0), ",), got ", values_t.sizes());
-  const int64_t K = crow_t.size(0) - 1, P = a_in.size(1);
-  const at::Tensor a = a_in.contiguous(), v = values_t.contiguous(), cr = crow_t.contiguous(), cl = col_t.contiguous();
-  at::Tensor out = at::empty({K, P}, a.options());
-  if (K == 0 || P == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "field_spmm_t_fm", [&] {
-    spmm_t_fm_impl<scalar_t>(a.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), cr.data_ptr<int64_t>(),
-                             cl.data_ptr<int64_t>(), K, P, out.data_ptr<scalar_t>());
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+mlp_field_backward(const at::Tensor& z_in, const std::optional<at::Tensor>& probe, at::TensorList weights,
+                   at::TensorList patterns, const c10::List<std::optional<at::Tensor>>& scales,
+                   const c10::List<std::optional<at::Tensor>>& shifts, at::TensorList saved,
+                   const std::optional<at::Tensor>& grad_f, const std::optional<at::Tensor>& grad_trace,
+                   std::string_view activation, int64_t trace) {
+  CHECK_DIM(z_in, 2);
+  CHECK_DEVICE_TYPE(z_in, at::kCPU);
+  CHECK_FLOATING(z_in);
+  TORCH_CHECK(trace >= 0 && trace <= 2, "trace must be 0 (none), 1 (exact) or 2 (Hutchinson), got ", trace);
+  const FieldAct act = parse_field_activation(activation);
+  const int64_t B = z_in.size(0), d = z_in.size(1);
+  const int64_t m = trace == 1 ? d : (trace == 2 ? 1 : 0);
+  const bool with_trace = trace > 0 && grad_trace.has_value();
+  at::Tensor e, gf, gtr;
+  if (trace == 2) {
+    TORCH_CHECK(probe.has_value() && probe->sizes() == z_in.sizes(), "the Hutchinson trace needs a probe of z's shape");
+    check_like_z(z_in, *probe, "probe");
+    e = probe->contiguous();
+  }
+  if (grad_f.has_value()) {
+    check_like_z(z_in, *grad_f, "grad_f");
+    TORCH_CHECK(grad_f->sizes() == z_in.sizes(), "grad_f must have z's shape ", z_in.sizes(), ", got ", grad_f->sizes());
+    gf = grad_f->contiguous();
+  }
+  if (with_trace) {
+    check_like_z(z_in, *grad_trace, "grad_trace");
+    TORCH_CHECK(grad_trace->dim() == 1 && grad_trace->size(0) == B, "grad_trace must have shape (", B, ",), got ",
+                grad_trace->sizes());
+    gtr = grad_trace->contiguous();
+  }
+  const Args args{z_in, weights, patterns, scales, shifts, saved};
+  const auto dims = check_layers(args, d, m, trace);
+  const at::Tensor z = z_in.contiguous();
+  at::Tensor gz = at::zeros({B, d}, z.options());
+  at::Tensor gprobe = trace == 2 && with_trace ? at::zeros({B, d}, z.options()) : at::empty({0}, z.options());
+  std::vector<at::Tensor> gw, gs, gc;
+  const size_t L = weights.size();
+  int64_t width = d;
+  for (const auto& nk : dims) width = std::max(width, nk.first);
+  std::vector<at::Tensor> keep;  // contiguous copies and W^T alive for the call
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_field_backward_cpu", [&] {
+    std::vector<FieldBackLayer<scalar_t>> layers(L);
+    const int64_t acc_size = make_layers<scalar_t>(args, dims, keep, layers);
+    at::Tensor total = at::zeros({acc_size}, z.options());
+    if (B > 0) {
+      const FieldBackCall<scalar_t> call{nullptr, 0, B, d, m, with_trace ? m : 0, 0, 0, static_cast<int>(trace), act,
+                                         z.data_ptr<scalar_t>(), e.defined() ? e.data_ptr<scalar_t>() : nullptr,
+                                         gf.defined() ? gf.data_ptr<scalar_t>() : nullptr,
+                                         gtr.defined() ? gtr.data_ptr<scalar_t>() : nullptr, gz.data_ptr<scalar_t>(),
+                                         gprobe.numel() ? gprobe.data_ptr<scalar_t>() : nullptr};
+      total = run<scalar_t>(call, layers, acc_size, width, z.options());
+    }
+    for (size_t l = 0; l < L; ++l) {
+      const FieldBackLayer<scalar_t>& layer = layers[l];
+      gw.push_back(total.narrow(0, layer.gw, weights[l].numel()).view(weights[l].sizes()).clone());
+      const auto piece = [&](int64_t off) {
+        return off >= 0 ? total.narrow(0, off, layer.fwd.N).clone() : at::empty({0}, z.options());
+      };
+      gs.push_back(piece(layer.gs));
+      gc.push_back(piece(layer.gc));
+    }
   });
-  return out;
-}
-
-at::Tensor field_sddmm_fm(const at::Tensor& a_in, const at::Tensor& c_in, const at::Tensor& crow,
-                          const at::Tensor& col) {
-  check_panel(a_in, "a");
-  check_panel(c_in, "c");
-  CHECK_SAME_DTYPE(a_in, c_in);
-  CHECK_INDEX(crow);
-  CHECK_INDEX(col);
-  TORCH_CHECK(a_in.size(1) == c_in.size(1), "a and c must have the same columns, got ", a_in.size(1), " and ",
-              c_in.size(1));
-  TORCH_CHECK(a_in.size(0) == crow.size(0) - 1, "a has ", a_in.size(0), " rows, the pattern ", crow.size(0) - 1);
-  const at::Tensor a = a_in.contiguous(), c = c_in.contiguous(), cr = crow.contiguous(), cl = col.contiguous();
-  at::Tensor out = at::empty({col.size(0)}, a.options());
-  if (col.size(0) == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "field_sddmm_fm", [&] {
-    sddmm_fm_impl<scalar_t>(a.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), cr.data_ptr<int64_t>(),
-                            cl.data_ptr<int64_t>(), a.size(0), a.size(1), out.data_ptr<scalar_t>());
-  });
-  return out;
+  return {gz, gprobe, gw, gs, gc};
 }
 
 }  // namespace sparseode::cpu
 
-TORCH_LIBRARY_IMPL(sparseode, CPU, m) {
-  m.impl("field_spmm_t_fm", &sparseode::cpu::field_spmm_t_fm);
-  m.impl("field_sddmm_fm", &sparseode::cpu::field_sddmm_fm);
-}
+TORCH_LIBRARY_IMPL(sparseode, CPU, m) { m.impl("mlp_field_backward", &sparseode::cpu::mlp_field_backward); }

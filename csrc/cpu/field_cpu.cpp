@@ -32,8 +32,6 @@ const FieldKernels& field_kernels() {
   return chosen;
 }
 
-namespace {
-
 FieldAct parse_field_activation(std::string_view name) {
   if (name == "identity") return FieldAct::Identity;
   if (name == "tanh") return FieldAct::Tanh;
@@ -45,6 +43,8 @@ FieldAct parse_field_activation(std::string_view name) {
   TORCH_CHECK(false, "activation must be one of identity, tanh, relu, softplus, sigmoid, elu, swish; got '",
               std::string(name), "'");
 }
+
+namespace {
 
 // Tile width: a whole number of SIMD registers, at most 4 of them, with both panels of the widest
 // layer within ~L2/4, and small enough that every thread gets a tile.

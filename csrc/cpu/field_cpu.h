@@ -9,7 +9,12 @@
 #include <tuple>
 #include <vector>
 
+#include "field_table.h"
+
 namespace sparseode::cpu {
+
+// The FieldAct of an activation name; a clear error for any other name (shared with the backward).
+FieldAct parse_field_activation(std::string_view name);
 
 // Layer l computes pre_l = scale_l * (W_l h_{l-1}) + shift_l and h_l = act(pre_l) (the last layer
 // stops at pre: f = pre_L). z (B, d); weights[l] is a dense (N_l, K_l) weight or the (nnz,) values
