@@ -154,9 +154,13 @@ __device__ __forceinline__ void load_column(const T* __restrict__ p, A (&out)[BT
 
 // Copies batch rows [b0, b0 + nb) of x (B, K) into xs (K, BT), feature-major, zero-padding rows
 // nb..BT. With `vec` (x 16-byte aligned, K * sizeof(T) a multiple of 16) every thread moves 16 bytes.
+// Sets flags[b0 + b] to 1 when row b holds NaN/Inf (the staging reads all of the row anyway, so
+// the non-finite check of nonfinite.cuh costs no extra read of x); flags may be null.
 template <typename T, int BT>
-__device__ void load_x_tile(const T* __restrict__ x, int64_t K, int64_t b0, int nb, bool vec, T* __restrict__ xs) {
+__device__ void load_x_tile(const T* __restrict__ x, int64_t K, int64_t b0, int nb, bool vec, T* __restrict__ xs,
+                            int* __restrict__ flags) {
   constexpr int V = 16 / sizeof(T);
+  unsigned bad = 0;  // bit b: row b holds NaN/Inf (a register, not an indexed local array)
   if (vec) {
     const int64_t chunks = K / V;
     for (int64_t q = threadIdx.x; q < chunks * BT; q += blockDim.x) {
@@ -170,14 +174,24 @@ __device__ void load_x_tile(const T* __restrict__ x, int64_t K, int64_t b0, int 
         for (int e = 0; e < V; ++e) v[e] = T(0);
       }
 #pragma unroll
-      for (int e = 0; e < V; ++e) xs[(k + e) * BT + b] = v[e];
+      for (int e = 0; e < V; ++e) {
+        xs[(k + e) * BT + b] = v[e];
+        bad |= static_cast<unsigned>(nonfinite(v[e])) << b;
+      }
     }
   } else {
     for (int64_t q = threadIdx.x; q < K * BT; q += blockDim.x) {
       const int b = static_cast<int>(q / K);
       const int64_t k = q % K;
-      xs[k * BT + b] = b < nb ? x[(b0 + b) * K + k] : T(0);
+      const T v = b < nb ? x[(b0 + b) * K + k] : T(0);
+      xs[k * BT + b] = v;
+      bad |= static_cast<unsigned>(nonfinite(v)) << b;
     }
+  }
+  if (flags != nullptr && bad != 0) {  // rare: only threads that saw NaN/Inf write
+#pragma unroll
+    for (int b = 0; b < BT; ++b)
+      if (bad >> b & 1u) atomicOr(flags + b0 + b, 1);
   }
 }
 

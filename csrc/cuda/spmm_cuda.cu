@@ -5,20 +5,23 @@
 //                batch tile of x held feature-major in shared memory, 16-byte loads.
 //                BSR: tensor cores (WMMA, fp16/bf16, blocks multiple of 16), else a shared-memory
 //                tiled kernel (fp32/fp64, other blocks). Fused bias + activation epilogue.
-//   bsr_spmm_fm  the same feature-major, composed from bsr_spmm (see its comment).
+//   bsr_spmm_fm  the same feature-major: its own kernel, in spmm_fm_cuda.cu.
 //   bsr_spmm_t   as on the CPU: the values gathered through `perm` (blocks transposed), then bsr_spmm
 //                on the transposed pattern.
-//   A last pass gives NaN/Inf in x the dense product's semantics, as the CPU kernels do.
+//   NaN/Inf in x get the dense product's semantics, as on the CPU (nonfinite.cuh): the CSR kernel
+//   flags them while staging x, the other paths by one detect pass.
 #include "cuda_common.cuh"  // first: it sets up the c10/cuda headers
+#include "nonfinite.cuh"
 #include "spmm_cuda.h"
 #include "spmm_kernels.cuh"
 
 namespace sparseode::cuda {
 namespace {
 
+// Returns true when the kernel staged all of x and so set `flags` itself.
 template <typename T>
-void launch_csr_spmm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
-                     const T* bias, Activation act, at::Tensor& y, cudaStream_t stream) {
+bool launch_csr_spmm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                     const T* bias, Activation act, at::Tensor& y, int* flags, cudaStream_t stream) {
   const int64_t B = x.size(0), K = x.size(1), N = y.size(1), nnz = col.size(0);
   // Batch tile: as wide as the shared-memory budget and the batch allow.
   int bt = 8;
@@ -39,18 +42,19 @@ void launch_csr_spmm(const at::Tensor& x, const at::Tensor& values, const at::Te
   const dim3 grid = checked_grid("csr_spmm", tiles, splits);
   with_tile(bt, [&](auto tag) {
     constexpr int BT = decltype(tag)::value;
-    auto run = [&](auto kernel, size_t bytes) {
+    auto run = [&](auto kernel, size_t bytes, int* kernel_flags) {
       if (bytes > 48 * 1024)
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(bytes)));
       kernel<<<grid, kThreads, bytes, stream>>>(x.data_ptr<T>(), values.data_ptr<T>(), crow.data_ptr<int64_t>(),
                                                 col.data_ptr<int64_t>(), bias, y.data_ptr<T>(), B, K, N, vs,
-                                                vec_x, vec_v, act);
+                                                vec_x, vec_v, act, kernel_flags);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (smem) run(csr_spmm_kernel<T, BT, true>, static_cast<size_t>(K) * BT * sizeof(T));
-    else if constexpr (BT == 4) run(csr_spmm_kernel<T, 4, false>, 0);
+    if (smem) run(csr_spmm_kernel<T, BT, true>, static_cast<size_t>(K) * BT * sizeof(T), flags);
+    else if constexpr (BT == 4) run(csr_spmm_kernel<T, 4, false>, 0, nullptr);
   });
+  return smem;
 }
 
 template <typename T>
@@ -102,37 +106,23 @@ at::Tensor bsr_spmm(const at::Tensor& x_in, const at::Tensor& values_in, const a
   at::Tensor y = at::empty({B, N}, x.options());
   if (B == 0 || N == 0) return y;
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor flags = nonfinite_flags(x, B);
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bsr_spmm_cuda", [&] {
     const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
+    bool flagged = false;
     if (bs.bh == 1 && bs.bw == 1) {
-      launch_csr_spmm<scalar_t>(x, values, crow, col, bp, act, y, stream);
+      flagged = launch_csr_spmm<scalar_t>(x, values, crow, col, bp, act, y, flags.data_ptr<int>(), stream);
     } else {
       launch_bsr_spmm<scalar_t>(x, values, crow, col, bp, act, bs.bh, bs.bw, y, stream);
     }
-    poison_nonfinite_kernel<scalar_t><<<checked_grid("poison_nonfinite", B), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), K, N,
-        bs.bh, bs.bw, crow.size(0) - 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!flagged) detect_nonfinite<scalar_t>(x.data_ptr<scalar_t>(), B, K, false, flags.data_ptr<int>(), stream);
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    poison_nonfinite<scalar_t>(xp, Strides{K, 1}, flags.data_ptr<int>(), crow, col, yp, Strides{N, 1}, B, K, bs.bh,
+                               bs.bw, stream);
   });
   return y;
-}
-
-// Composed from the batch-major kernel, not a feature-major kernel of its own: the columns that take
-// the epilogue and the ones that do not are two bsr_spmm calls on the transposed halves of xT (one
-// copy in each), then one transpose out. Same results as the CPU's feature-major kernel.
-at::Tensor bsr_spmm_fm(const at::Tensor& xT, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
-                       const c10::optional<at::Tensor>& bias, std::string_view activation, int64_t act_cols) {
-  CHECK_DIM(xT, 2);
-  CHECK_DEVICE_TYPE(xT, at::kCUDA);
-  TORCH_CHECK(act_cols >= 0, "act_cols must be >= 0, got ", act_cols);
-  parse_activation(activation);  // a bad name is an error even when no column takes it
-  const c10::cuda::CUDAGuard guard(xT.device());
-  const int64_t B = xT.size(1), split = std::min(act_cols, B);
-  const at::Tensor head = bsr_spmm(xT.narrow(1, 0, split).t(), values, crow, col, bias, activation);
-  if (split == B) return head.t().contiguous();
-  const at::Tensor tail = bsr_spmm(xT.narrow(1, split, B - split).t(), values, crow, col, c10::nullopt, "identity");
-  return at::cat({head, tail}, 0).t().contiguous();
 }
 
 at::Tensor bsr_spmm_t(const at::Tensor& g, const at::Tensor& values, const at::Tensor& crow_t,

@@ -1,6 +1,6 @@
 // Device kernels of spmm (y = act(x W^T + bias)) on CUDA, launched by spmm_cuda.cu: CSR rows split
 // over thread blocks by stored entries, BSR on tensor cores (fp16/bf16) or shared-memory tiles, and
-// the pass that gives NaN/Inf in x the dense product's semantics.
+// the feature-major kernel of spmm_fm. The non-finite pass is in nonfinite.cuh.
 #pragma once
 
 #include "cuda_common.cuh"
@@ -22,7 +22,7 @@ template <typename T, int BT, bool SMEM>
 __global__ void __launch_bounds__(kThreads)
     csr_spmm_kernel(const T* __restrict__ x, const T* __restrict__ values, const int64_t* __restrict__ crow,
                     const int64_t* __restrict__ col, const T* __restrict__ bias, T* __restrict__ y, int64_t B,
-                    int64_t K, int64_t N, int vs, bool vec_x, bool vec_v, Activation act) {
+                    int64_t K, int64_t N, int vs, bool vec_x, bool vec_v, Activation act, int* __restrict__ flags) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
     next_row = static_cast<unsigned long long>(first_row_from(crow, N, nnz * s / S));
     row_end = s + 1 == S ? N : first_row_from(crow, N, nnz * (s + 1) / S);
   }
-  if constexpr (SMEM) load_x_tile<T, BT>(x, K, b0, nb, vec_x, xs);
+  if constexpr (SMEM) load_x_tile<T, BT>(x, K, b0, nb, vec_x, xs, flags);
   __syncthreads();
 
   const int lane = threadIdx.x % vs;
@@ -198,38 +198,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 #endif
-}
-
-// ---------------------------------------------------------------------------------------------
-// Dense-product semantics for non-finite x (mirror of the CPU's poison_nonfinite)
-// ---------------------------------------------------------------------------------------------
-
-// Block b: if batch row b of x holds NaN/Inf, every output block row that does not store all of
-// the non-finite entries gets NaN (0 * Inf in the dense product); an all-finite row costs one read.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    poison_nonfinite_kernel(const T* __restrict__ x, const int64_t* __restrict__ crow,
-                            const int64_t* __restrict__ col, T* __restrict__ y, int64_t K, int64_t N, int64_t bh,
-                            int64_t bw, int64_t n_brows) {
-  const int64_t b = blockIdx.x;
-  const T* xr = x + b * K;
-  int local = 0;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) local += nonfinite(xr[k]);
-  if (!__syncthreads_or(local)) return;
-  __shared__ int total;
-  if (threadIdx.x == 0) total = 0;
-  __syncthreads();
-  atomicAdd(&total, local);
-  __syncthreads();
-  const int all = total;
-  const T nan = static_cast<T>(NAN);
-  for (int64_t r = threadIdx.x; r < n_brows; r += blockDim.x) {
-    int stored = 0;
-    for (int64_t p = crow[r]; p < crow[r + 1]; ++p)
-      for (int64_t j = 0; j < bw; ++j) stored += nonfinite(xr[col[p] * bw + j]);
-    if (stored < all)
-      for (int64_t i = 0; i < bh; ++i) y[b * N + r * bh + i] = nan;
-  }
 }
 
 }  // namespace
