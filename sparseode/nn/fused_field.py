@@ -246,13 +246,21 @@ def per_layer() -> Iterator[None]:
         _PER_LAYER.on = before
 
 
+def _fused_devices() -> tuple[str, ...]:
+    """Device types the op has kernels for: the CPU, and CUDA once sparseode.kernels.field_register
+    has registered the Triton kernels (below, where triton is installed)."""
+    from sparseode.kernels import field_register
+
+    return ("cpu", "cuda") if "mlp_field" in field_register.registered() else ("cpu",)
+
+
 def can_run(field: nn.Module, like: Tensor) -> bool:
-    """True when the fused op runs ``field`` on states like ``like`` (CPU, float32/float64, the
-    parameters' dtype); a field it cannot take warns once, saying why."""
+    """True when the fused op runs ``field`` on states like ``like`` (CPU, or CUDA through the Triton
+    kernels; float32/float64, the parameters' dtype); a field it cannot take warns once, saying why."""
     if getattr(_PER_LAYER, "on", False) or _structure_reason(field) is not None:
         return False
     param = next(field.parameters(), None)
-    return (like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64)
+    return (like.device.type in _fused_devices() and like.dtype in (torch.float32, torch.float64)
             and (param is None or (param.dtype == like.dtype and param.device == like.device)))
 
 
@@ -321,3 +329,6 @@ if op_available()[0]:
     from sparseode.nn import fused_field_backward as _backward  # registers fake and autograd
 
     _backward.register()
+    from sparseode.kernels import field_register  # Triton kernels as the op's CUDA kernels (loaded lazily)
+
+    field_register.register()

@@ -176,8 +176,11 @@ def test_registered_as_the_ops_cuda_kernels() -> None:
         pytest.skip(f"no fused op: {ff.op_available()[1]}")
     from sparseode.kernels import field_register
 
-    assert "mlp_field" in field_register.register()
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("sparseode::mlp_field", "CUDA")
+    field_register.register()  # importing fused_field registered them already: the same names again
+    assert {"mlp_field", "mlp_field_backward"} <= set(field_register.registered())
+    for op in ("mlp_field", "mlp_field_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseode::{op}", "CUDA")
+    assert ff._fused_devices() == ("cpu", "cuda")  # so a field on CUDA states takes the fused op
 
 
 def _reference_grads(args, activation: str, trace: int, gf, gtr):
