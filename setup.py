@@ -91,7 +91,8 @@ def _cpu_variant_sources(native: bool) -> list[str]:
 
 def extensions():
     native = _native()
-    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # csrc/*.cpp: the schemas (ops.cpp) and the per-op autograd (autograd_ops.cpp)
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources += _cpu_variant_sources(native)
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": _cpu_flags(native)}

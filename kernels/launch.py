@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 from torch.nn import functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -188,7 +189,7 @@ def _poison(x: Tensor, walk: Blocks, y: Tensor) -> None:
     BW = triton.next_power_of_2(bw)
     block_b = 16
     dummy = x
-    poison_nonfinite_kernel[(triton.cdiv(B, block_b),)](
+    wrap_triton(poison_nonfinite_kernel)[(triton.cdiv(B, block_b),)](
         x, walk.crow if walk.is_list else dummy, walk.col if walk.is_list else dummy,
         dummy if walk.is_list else walk.occ, y,
         B, walk.k, walk.n, bh, bw, walk.n_brows, walk.n_bcols,

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import triton
+from torch.library import wrap_triton
 
 from .grid import checked
 
@@ -83,12 +84,14 @@ class Launcher:
                                          cache_results=True)(kernel)
 
     def __call__(self, grid: Callable[[dict[str, Any]], tuple[int, ...]], **kwargs: Any) -> None:
+        # wrap_triton: a graph traced by torch.compile records the kernel itself (eager calls of
+        # the triton_op twins, sparseode/ops/triton.py, launch it directly)
         grid = checked(self.name, grid)
         if self.tuned is not None:
-            self.tuned[grid](**kwargs)
+            wrap_triton(self.tuned)[grid](**kwargs)
             return
         cfg = self.fixed
-        self.kernel[grid](**kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        wrap_triton(self.kernel)[grid](**kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @functools.cache

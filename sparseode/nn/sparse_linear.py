@@ -1,10 +1,12 @@
 """``SparseLinear``: a drop-in for ``nn.Linear`` whose weight is stored sparse."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
-from sparseode.ops import dispatch, library, reference, select
+from sparseode.ops import dispatch, library, select
 from sparseode.ops.formats import SparseWeight
 from sparseode.pruned import effective, kept_mask
 
@@ -18,10 +20,12 @@ class SparseLinear(nn.Module):
 
     ``backend="auto"`` runs on the backend selected for the input's device
     (``sparseode.ops.set_backend`` / ``set_gpu_backend``; by default the compiled kernels, "cpu"
-    on the CPU). "torch" runs the pure-PyTorch reference (sparseode.ops.reference) directly.
-    Another name pins this layer to that backend: while another is active on the device, its
-    calls (and their backward) switch the device's setting to it and back, which costs
-    registration work per call, so pin only to compare backends.
+    on the CPU). Another name pins this layer to that backend at no cost per call: "torch" calls
+    the pure-PyTorch reference (sparseode.ops.reference) and "triton" the Triton twins of the ops
+    (``sparseode::triton_*``) directly, whatever the device's setting, forward and backward alike.
+    One case still switches: a layer pinned to the compiled kernels ("cpu", "cuda") while another
+    backend is selected for the device switches the setting around its forward (registration
+    work, about a millisecond); its backward then runs on the backend selected when it runs.
     """
 
     def __init__(self, weight: SparseWeight, bias: Tensor | None = None, backend: str = "auto",
@@ -87,23 +91,27 @@ class SparseLinear(nn.Module):
             raise ValueError(f"input is on {x.device} but the layer's weight is on {values.device}")
         return self.fused_linear(x, self._parameters["bias"], self.activation)
 
-    def _pinned(self, device_type: str) -> bool:
-        """True when this layer is pinned to a backend other than the one active on the device
-        ("torch" is not: it calls the reference directly)."""
-        return self.backend not in ("auto", "torch") and select.active(device_type) != self.backend
+    def _op(self, primitive: str, x: Tensor) -> Callable | None:
+        """What this layer calls for ``primitive`` on ``x``'s device: the op itself when the layer
+        follows the device's selected backend (or is pinned to it), else the pinned backend's own
+        op family (Triton twins, the reference), or None for compiled kernels that another
+        backend is switched in front of (the call then switches the device's setting)."""
+        fmt = self._modules["sparse"].format
+        if self.backend == "auto" or self.backend == select.active(x.device.type):
+            return library.op(fmt, primitive)
+        backend = dispatch.get(self.backend)
+        backend.check(x)
+        family = backend.family()
+        return family[f"{fmt}_{primitive}"] if family is not None else None
 
     def fused_linear(self, z: Tensor, bias: Tensor | None, activation: str) -> Tensor:
         """act(z W^T + bias) in one kernel call, with a bias other than the layer's own (the vector
         fields fold their time term into it). z (..., in_features) -> (..., out_features)."""
-        if self._pinned(z.device.type):
-            dispatch.get(self.backend).check(z)
+        spmm = self._op("spmm", z)
+        if spmm is None:
             with select.use_backend(self.backend, z.device.type):
                 return self.fused_linear(z, bias, activation)
         sparse = self._modules["sparse"]
-        if self.backend == "torch":  # the reference, plain differentiable PyTorch
-            y = reference.spmm(z.reshape(-1, self.in_features), sparse.values, sparse.pattern, bias, activation)
-            return y.reshape(*z.shape[:-1], self.out_features)
-        spmm = library.op(sparse.format, "spmm")
         if z.dim() == 2:
             return spmm(z, sparse._parameters["values"], *sparse.pattern, bias, activation)
         y = spmm(z.reshape(-1, self.in_features), sparse._parameters["values"], *sparse.pattern, bias, activation)
@@ -113,14 +121,11 @@ class SparseLinear(nn.Module):
         """Feature-major: zT (in_features, B) -> (out_features, B) = W zT, with ``bias`` and
         ``activation`` on the first ``act_cols`` columns only (the vector fields keep their hidden
         states and tangent directions this way, so nothing is transposed between layers)."""
-        if self._pinned(zT.device.type):
-            dispatch.get(self.backend).check(zT)
+        spmm_fm = self._op("spmm_fm", zT)
+        if spmm_fm is None:
             with select.use_backend(self.backend, zT.device.type):
                 return self.fused_linear_fm(zT, bias, activation, act_cols)
         sparse = self._modules["sparse"]
-        if self.backend == "torch":
-            return reference.spmm_fm(zT, sparse.values, sparse.pattern, bias, activation, act_cols)
-        spmm_fm = library.op(sparse.format, "spmm_fm")
         return spmm_fm(zT, sparse._parameters["values"], *sparse.pattern, bias, activation, act_cols)
 
     def to_linear(self) -> nn.Linear:

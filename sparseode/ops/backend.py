@@ -2,6 +2,7 @@
 takes, and the kernels it registers for the ops when it is switched in (sparseode.ops.select)."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -28,6 +29,12 @@ class Backend:
 
     def kernels(self) -> dict[str, Callable]:
         return {}
+
+    def family(self) -> dict[str, Callable] | None:
+        """op name -> a callable taking the op's arguments, with its own autograd, that runs this
+        backend whichever is selected for the device (a layer pinned to this backend calls it);
+        None when the backend is reachable only through the ops' dispatch keys (compiled kernels)."""
+        return None
 
     def check(self, t: Tensor) -> None:
         """Raise a clear error when this backend cannot take ``t``'s device or dtype."""
@@ -61,6 +68,14 @@ class TorchBackend(Backend):
         from sparseode.ops.handlers import FORMAT_HANDLERS
 
         return {name: fn for h in FORMAT_HANDLERS.values() for name, fn in reference.reference_kernels(h).items()}
+
+    def family(self) -> dict[str, Callable]:
+        return _reference_family()  # plain differentiable PyTorch: autograd records the reference itself
+
+
+@functools.cache
+def _reference_family() -> dict[str, Callable]:
+    return TORCH.kernels()
 
 
 TORCH = TorchBackend()

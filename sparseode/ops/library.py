@@ -10,7 +10,9 @@ that the two agree. Compiled kernels are registered per dispatch key beside thei
 compiled kernels) are switched in by ``sparseode.ops.select``.
 
 Every backward is written with the ops themselves, so second derivatives (CNF training through a
-vector-Jacobian product) work on every backend:
+vector-Jacobian product) work on every backend. With sparseode._C built, these formulas run in C++
+(csrc/autograd_ops.cpp, the Autograd key); here they are written once more in Python for a build
+without it (a test checks that both agree):
 
 * ``spmm``    y = act(x W^T + b):  dx = spmm_t(dy', W), dW = sddmm(dy', x), db = sum(dy'),
   with dy' = dy * act'(y); ``spmm_fm`` the same, feature-major, act' on the first act_cols columns
@@ -43,7 +45,8 @@ SCHEMAS: dict[str, str] = {h.op_name(p): h.op_name(p) + _signature(h, p) for h i
 
 
 # --- fake kernels ---------------------------------------------------------------------------------
-def _fakes(h: FormatHandler) -> dict[str, Callable]:
+def fake_kernels(h: FormatHandler) -> dict[str, Callable]:
+    """op name -> the fake kernel of the format's ops (shapes only)."""
     n, typed = len(h.pattern_type._fields), h.pattern_type
 
     def spmm(x, values, *rest):
@@ -63,7 +66,14 @@ def _fakes(h: FormatHandler) -> dict[str, Callable]:
 
 
 # --- autograd -------------------------------------------------------------------------------------
-def _register_autograd(h: FormatHandler, ops: dict[str, torch._ops.OpOverload]) -> None:
+def register_autograd(h: FormatHandler, ops: dict[str, torch._ops.OpOverload], prefix: str = "",
+                      skip: frozenset[str] = frozenset()) -> None:
+    """The formulas above in Python on ``sparseode::<prefix><op>`` for the ops of format ``h``
+    but those in ``skip``, written with ``ops`` (op name -> the op the backward calls).
+    sparseode._C registers the same formulas in C++ for the Autograd key of the ops
+    (csrc/autograd_ops.cpp: a call then records no Python at all), which are skipped; ``prefix``
+    "triton_" registers them on the Triton twins (sparseode/ops/triton.py), whose backward then
+    calls twins too."""
     n = len(h.pattern_type._fields)
     spmm, spmm_t, sddmm = ops[h.op_name("spmm")], ops[h.op_name("spmm_t")], ops[h.op_name("sddmm")]
     none = (None,) * n
@@ -74,49 +84,50 @@ def _register_autograd(h: FormatHandler, ops: dict[str, torch._ops.OpOverload]) 
         keep = _ACT_GRAD[activation] is not None
         ctx.save_for_backward(x, values, output if keep else None, *pattern)
         ctx.activation, ctx.act_cols = activation, act_cols[0] if act_cols else None
-        ctx.backend = select.active(x.device.type)
 
     def spmm_backward(ctx, grad):
         x, values, y, *pattern = ctx.saved_tensors
         need_x, need_values, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2 + n]
         act_grad = _ACT_GRAD[ctx.activation]
-        with select.using(ctx.backend, x.device.type):
-            if ctx.act_cols is None:  # batch-major (B, N)
-                grad = grad * act_grad(y) if act_grad is not None else grad
-                gx = spmm_t(grad, values, *pattern) if need_x else None
-                gv = sddmm(grad, x, *pattern) if need_values else None
-                gb = grad.sum(0) if need_bias else None
-                return gx, gv, *none, gb, None
-            k = ctx.act_cols  # feature-major (N, B), act' on the first k columns only
-            if act_grad is not None and k:
-                grad = torch.cat([grad[:, :k] * act_grad(y[:, :k]), grad[:, k:]], dim=1)
-            gx = spmm_t(grad.t(), values, *pattern).t() if need_x else None
-            gv = sddmm(grad.t(), x.t(), *pattern) if need_values else None
-            gb = grad[:, :k].sum(1) if need_bias else None
-            return gx, gv, *none, gb, None, None
+        if ctx.act_cols is None:  # batch-major (B, N)
+            grad = grad * act_grad(y) if act_grad is not None else grad
+            gx = spmm_t(grad, values, *pattern) if need_x else None
+            gv = sddmm(grad, x, *pattern) if need_values else None
+            gb = grad.sum(0) if need_bias else None
+            return gx, gv, *none, gb, None
+        k = ctx.act_cols  # feature-major (N, B), act' on the first k columns only
+        if act_grad is not None and k:
+            grad = torch.cat([grad[:, :k] * act_grad(y[:, :k]), grad[:, k:]], dim=1)
+        gx = spmm_t(grad.t(), values, *pattern).t() if need_x else None
+        gv = sddmm(grad.t(), x.t(), *pattern) if need_values else None
+        gb = grad[:, :k].sum(1) if need_bias else None
+        return gx, gv, *none, gb, None, None
 
     def setup_pair(ctx, inputs, output):
         first, second, *pattern = inputs
         ctx.save_for_backward(first, second, *pattern)
-        ctx.backend = select.active(first.device.type)
 
     def spmm_t_backward(ctx, grad):
         g, values, *pattern = ctx.saved_tensors
-        with select.using(ctx.backend, g.device.type):
-            gg = spmm(grad, values, *pattern, None, "identity") if ctx.needs_input_grad[0] else None
-            gv = sddmm(g, grad, *pattern) if ctx.needs_input_grad[1] else None
+        gg = spmm(grad, values, *pattern, None, "identity") if ctx.needs_input_grad[0] else None
+        gv = sddmm(g, grad, *pattern) if ctx.needs_input_grad[1] else None
         return gg, gv, *none
 
     def sddmm_backward(ctx, grad):
         a, c, *pattern = ctx.saved_tensors
-        with select.using(ctx.backend, a.device.type):
-            ga = spmm(c, grad, *pattern, None, "identity") if ctx.needs_input_grad[0] else None
-            gc = spmm_t(a, grad, *pattern) if ctx.needs_input_grad[1] else None
+        ga = spmm(c, grad, *pattern, None, "identity") if ctx.needs_input_grad[0] else None
+        gc = spmm_t(a, grad, *pattern) if ctx.needs_input_grad[1] else None
         return ga, gc, *none
 
     for prim, backward, setup in (("spmm", spmm_backward, setup_spmm), ("spmm_fm", spmm_backward, setup_spmm),
                                   ("spmm_t", spmm_t_backward, setup_pair), ("sddmm", sddmm_backward, setup_pair)):
-        torch.library.register_autograd(f"sparseode::{h.op_name(prim)}", backward, setup_context=setup)
+        if h.op_name(prim) not in skip:
+            torch.library.register_autograd(f"sparseode::{prefix}{h.op_name(prim)}", backward, setup_context=setup)
+
+
+def kernel_registered(name: str, dispatch_key: str) -> bool:
+    """True when op ``name`` has a kernel registered directly for ``dispatch_key`` (e.g. "CPU")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseode::{name}", dispatch_key)
 
 
 # --- definition and registration (once, at import) ------------------------------------------------
@@ -134,12 +145,13 @@ def _define() -> tuple[torch.library.Library, dict[str, torch._ops.OpOverload]]:
         else:
             lib.define(schema)
     ops = {name: getattr(torch.ops.sparseode, name).default for name in SCHEMAS}
+    in_cpp = frozenset(name for name in SCHEMAS if kernel_registered(name, "Autograd"))  # csrc/autograd_ops.cpp
     for h in FORMAT_HANDLERS.values():
         for name, fn in reference.reference_kernels(h).items():
             lib.impl(name, fn, "CompositeExplicitAutograd")
-        for name, fn in _fakes(h).items():
+        for name, fn in fake_kernels(h).items():
             torch.library.register_fake(f"sparseode::{name}", fn, lib=lib)
-        _register_autograd(h, ops)
+        register_autograd(h, ops, skip=in_cpp)
     return lib, ops
 
 
@@ -157,9 +169,3 @@ _BY_FORMAT = {(h.name, p): OPS[h.op_name(p)] for h in FORMAT_HANDLERS.values() f
 def op(fmt: str, primitive: str) -> torch._ops.OpOverload:
     """The op of ``primitive`` for format ``fmt``."""
     return _BY_FORMAT[fmt, primitive]
-
-
-def kernel_registered(name: str, dispatch_key: str) -> bool:
-    """True when op ``name`` has a kernel registered directly for ``dispatch_key`` (e.g. "CPU")."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparseode::{name}", dispatch_key)
-

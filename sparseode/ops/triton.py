@@ -1,6 +1,13 @@
 """The ``triton`` backend: the Triton kernels of ``sparseode.kernels`` (kernels/ in the source tree)
-for the ``masked``, ``csr`` and ``bsr`` ops, registered for a device's dispatch key while selected
-(``sparseode.ops.set_gpu_backend("triton")``).
+for the ``masked``, ``csr`` and ``bsr`` ops.
+
+Each op has a Triton twin, ``sparseode::triton_<op>`` (same schema), made with
+``torch.library.triton_op`` on first use (:func:`family`): its fake kernel and autograd formulas are
+those of the op (sparseode/ops/library.py), and ``torch.compile`` traces into its kernels (they
+launch through ``torch.library.wrap_triton``), so Inductor sees the Triton kernels themselves. The
+op's dispatch key runs the twin while the backend is selected for a device
+(``sparseode.ops.set_gpu_backend("triton")``); a layer pinned to ``"triton"`` calls the twins
+directly, whatever is selected.
 
 On a GPU the kernels are compiled and autotuned on first use. Without one they run only through
 Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported), a testing aid that
@@ -11,8 +18,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -54,6 +62,49 @@ def _format_kernels(h: FormatHandler) -> dict[str, Callable]:
             h.op_name("sddmm"): sddmm}
 
 
+_TYPES = {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "str": str, "int": int}
+
+
+def _signature(schema: str) -> inspect.Signature:
+    """The Python signature ``triton_op`` infers ``schema`` ("name(Tensor x, ...) -> Tensor") from."""
+    args = schema[schema.index("(") + 1: schema.index(") ->")].split(", ")
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_TYPES[kind])
+              for kind, name in (a.rsplit(" ", 1) for a in args)]
+    return inspect.Signature(params, return_annotation=torch.Tensor)
+
+
+def _opaque(mode, op, types, args, kwargs):
+    # Under the interpreter the kernels need real tensors: compiled graphs keep the twin as one op.
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+_TWINS: dict[str, torch._ops.OpOverload] = {}
+
+
+def family() -> dict[str, torch._ops.OpOverload]:
+    """op name (``csr_spmm``) -> its Triton twin ``sparseode::triton_csr_spmm``, defined on first
+    call with ``torch.library.triton_op``, the op's fake kernel and its autograd formulas."""
+    if _TWINS:  # a plain dict, not functools.cache: torch.compile traces through this lookup
+        return _TWINS
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    from sparseode.ops import library
+
+    twins = {}
+    for h in FORMAT_HANDLERS.values():
+        fakes = library.fake_kernels(h)
+        for name, fn in _format_kernels(h).items():
+            fn.__signature__ = _signature(library.SCHEMAS[name])
+            opdef = torch.library.triton_op(f"sparseode::triton_{name}", fn, mutates_args=())
+            opdef.register_fake(fakes[name])  # exact shapes, without running launch code on fake tensors
+            if _interpreting():
+                opdef.register_torch_dispatch(FunctionalTensorMode, _opaque)
+            twins[name] = getattr(torch.ops.sparseode, f"triton_{name}").default
+        library.register_autograd(h, twins, prefix="triton_")
+    _TWINS.update(twins)
+    return _TWINS
+
+
 class TritonBackend(Backend):
     """Every op on Triton kernels.
 
@@ -78,7 +129,10 @@ class TritonBackend(Backend):
         return True, ""
 
     def kernels(self) -> dict[str, Callable]:
-        return {op: fn for h in FORMAT_HANDLERS.values() for op, fn in _format_kernels(h).items()}
+        return dict(family())
+
+    def family(self) -> dict[str, Callable]:
+        return family()
 
 
 TRITON = TritonBackend()

@@ -209,3 +209,35 @@ def test_compiled_reduce_overhead(fmt: str, backend: str) -> None:
             ref = reference.spmm(x.double(), layer.sparse.values.double(), layer.sparse.pattern,
                                  layer.bias.double(), "tanh")
             torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the compiled Triton kernels need TRITON_INTERPRET=0")
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "masked"])
+def test_compiled_graph_of_a_triton_layer_holds_its_triton_kernels(fmt):
+    """torch.compile sees through the triton_op twins: the AOT graphs of a training step of a
+    layer pinned to Triton hold the Triton kernels themselves (triton_kernel_wrapper_functional),
+    not an opaque op, and match eager."""
+    if backend_skip_reason("triton", "cuda"):
+        pytest.skip(backend_skip_reason("triton", "cuda"))
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).cuda()
+    layer = SparseLinear.from_dense(lin, torch.rand(48, 64, device="cuda") < 0.3, format=fmt, backend="triton",
+                                    block=(16, 16), activation="tanh")
+    x = torch.randn(33, 64, device="cuda")
+    step = torch.compile(lambda z: layer(z).pow(2).sum(), fullgraph=True,
+                         backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    step(xc).backward()
+    got = xc.grad.clone()
+    layer(xe).pow(2).sum().backward()
+    torch.testing.assert_close(got, xe.grad, atol=1e-4, rtol=1e-4)
+    assert graphs and all("triton_kernel_wrapper_functional" in g for g in graphs)
+    assert not any(f"sparseode.triton_{fmt}" in g for g in graphs)

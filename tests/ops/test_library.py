@@ -1,6 +1,7 @@
 """The op layer itself: the extension and the Python fallback declare the same ops and schemas,
 the package works without the extension, and the backend setting switches kernels explicitly
-(the backward of a call runs on the backend its forward ran on)."""
+(a backward runs on the backend selected when it runs), and a layer pinned to a backend calls it
+without switching that setting."""
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from sparseode.nn import SparseLinear
-from sparseode.ops import active_backend, library, reference, set_backend, set_gpu_backend, spmm, use_backend
+from sparseode.ops import active_backend, library, reference, select, set_backend, set_gpu_backend, spmm, use_backend
 from sparseode.ops.backend import TORCH
 from sparseode.testing import SHAPES, backend_skip_reason, make_case
 
@@ -79,11 +80,9 @@ def test_set_backend_and_use_backend_switch_and_restore():
     assert active_backend("cpu") == default
 
 
-def test_backward_runs_on_the_backend_that_ran_the_forward(monkeypatch):
-    """A forward under use_backend("torch") while the C++ kernels are the default: its backward,
-    run after the block, calls the reference kernels too (spmm_t, then sddmm)."""
-    if backend_skip_reason("cpu"):
-        pytest.skip(backend_skip_reason("cpu"))
+def _counted_reference(monkeypatch) -> list[str]:
+    """The names of the reference kernels that run from now on, in order (the ``torch`` backend's
+    kernels, counted where select registers them)."""
     calls = []
     kernels = TORCH.kernels()
 
@@ -91,17 +90,67 @@ def test_backward_runs_on_the_backend_that_ran_the_forward(monkeypatch):
         return lambda *args: calls.append(name) or fn(*args)
 
     monkeypatch.setattr(TORCH, "kernels", lambda: {n: counted(n, f) for n, f in kernels.items()})
+    return calls
+
+
+def test_backward_runs_on_the_backend_selected_when_it_runs(monkeypatch):
+    """The autograd formulas call the ops, so a backward runs on whatever is selected when it runs:
+    inside use_backend("torch") every kernel is the reference, after the block the C++ ones."""
+    if backend_skip_reason("cpu"):
+        pytest.skip(backend_skip_reason("cpu"))
+    calls = _counted_reference(monkeypatch)
     x, w, mask, b = make_case(SHAPES[3])
     sw = SparseLinear.from_dense(torch.nn.Linear(w.shape[1], w.shape[0]), mask, format="csr").sparse
     x.requires_grad_()
     with use_backend("torch", "cpu"):
+        spmm(x, sw.values, sw.pattern).sum().backward()
+        assert calls == ["csr_spmm", "csr_spmm_t", "csr_sddmm"]
         y = spmm(x, sw.values, sw.pattern)
     assert active_backend("cpu") == "cpu"
     y.sum().backward()
-    assert calls == ["csr_spmm", "csr_spmm_t", "csr_sddmm"]
-    calls.clear()
-    spmm(x, sw.values, sw.pattern).sum().backward()
-    assert calls == []  # the default C++ kernels
+    assert calls == ["csr_spmm", "csr_spmm_t", "csr_sddmm", "csr_spmm"]
+
+
+def _pinned_pair(fmt: str, backend: str):
+    x, w, mask, b = make_case(SHAPES[3])
+    lin = torch.nn.Linear(w.shape[1], w.shape[0])
+    make = lambda be: SparseLinear.from_dense(lin, mask, format=fmt, backend=be, block=SHAPES[3].block,
+                                              activation="tanh")
+    return x, make(backend), make("torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fmt", ["masked", "csr", "bsr"])
+def test_a_layer_pinned_to_another_backend_calls_it_without_switching_the_setting(monkeypatch, fmt, backend):
+    """Pinned to "torch" (the reference) or "triton" (its twin ops) while the C++ kernels are
+    selected: forward and backward run there, and nothing is registered per call."""
+    if backend_skip_reason(backend):
+        pytest.skip(backend_skip_reason(backend))
+    x, layer, ref = _pinned_pair(fmt, backend)
+    monkeypatch.setattr(select, "set_backend", lambda *a: pytest.fail("a pinned layer switched the setting"))
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = layer(xs)
+    if backend == "triton":
+        assert f"triton_{fmt}_spmm" in y.grad_fn.name()
+    y.pow(2).sum().backward()
+    ref(xr).pow(2).sum().backward()
+    torch.testing.assert_close(y, ref(x), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(layer.sparse.values.grad, ref.sparse.values.grad, rtol=2e-5, atol=2e-5)
+
+
+def test_a_layer_pinned_to_the_compiled_kernels_while_another_backend_is_selected(monkeypatch):
+    """The one case that switches: pinned to "cpu" under use_backend("torch"), its forward runs the
+    C++ kernel and the setting comes back."""
+    if backend_skip_reason("cpu"):
+        pytest.skip(backend_skip_reason("cpu"))
+    calls = _counted_reference(monkeypatch)
+    x, layer, ref = _pinned_pair("csr", "cpu")
+    with use_backend("torch", "cpu"), torch.no_grad():
+        y = layer(x)
+        assert active_backend("cpu") == "torch"
+    assert calls == []
+    torch.testing.assert_close(y, ref(x), rtol=2e-5, atol=2e-5)
 
 
 def test_reference_is_the_fallback_kernel_of_the_masked_ops_on_cpu():

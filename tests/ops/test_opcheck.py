@@ -27,16 +27,28 @@ def _cases(shape, fmt):
     return opcheck_cases(fmt, x, values, sw.pattern, b.requires_grad_(), g)
 
 
-@pytest.mark.parametrize("backend", ("cpu", "torch", "triton"))
+@pytest.mark.parametrize("backend", ("cpu", "torch", "triton", "triton-twins"))
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
 def test_opcheck(shape, fmt, backend):
-    why = backend_skip_reason(backend)
+    """``triton``: the ops with the Triton backend selected on the CPU; ``triton-twins``: the
+    ``torch.library.triton_op`` twins themselves (``sparseode::triton_*``, what a layer pinned to
+    Triton calls)."""
+    why = backend_skip_reason(backend.removesuffix("-twins"))
     if why:
         pytest.skip(why)
-    if backend == "triton" and shape not in TRITON_SHAPES:
+    if backend.startswith("triton") and shape not in TRITON_SHAPES:
         pytest.skip("the interpreter runs on three of the shapes (TRITON_SHAPES) to keep CI short")
     checks = None if shape == AOT_SHAPE else FAST_CHECKS  # None: every check, AOT included
+    if backend == "triton-twins":
+        from sparseode.ops.triton import family
+
+        for op, args in _cases(shape, fmt):
+            twin = family()[op.name().split("::")[1]]
+            # the same schema (triton_op infers int arguments as SymInt)
+            assert str(twin._schema).replace("SymInt", "int") == str(op._schema).replace("sparseode::", "sparseode::triton_")
+            torch.library.opcheck(twin, args, test_utils=checks or torch.library._OPCHECK_DEFAULT_UTILS)
+        return
     with use_backend(backend, "cpu"):
         for op, args in _cases(shape, fmt):
             torch.library.opcheck(op, args, test_utils=checks or torch.library._OPCHECK_DEFAULT_UTILS)

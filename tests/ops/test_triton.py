@@ -215,3 +215,34 @@ def test_importing_sparseode_and_asking_status_never_imports_triton() -> None:
             "sparseode.backends(); assert 'triton' not in sys.modules, 'triton was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _aot_graphs(graphs: list[str]):
+    """A torch.compile backend recording the AOT forward and backward graphs' code."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "masked"])
+def test_a_pinned_training_step_compiles_through_the_triton_twins(fmt: str) -> None:
+    """A layer pinned to Triton calls the ``triton_op`` twins: a training step compiles with
+    fullgraph=True and matches eager; under the interpreter the twins stay whole ops in the traced
+    graphs (their kernels need real tensors; on a GPU the graphs hold the kernels themselves,
+    tests/ops/test_cuda.py)."""
+    layer, x = _layer(fmt, FORMAT_SHAPES[fmt], activation="tanh")
+    x = x.reshape(-1, layer.in_features)
+    graphs: list[str] = []
+    step = torch.compile(lambda z: layer(z).pow(2).sum(), fullgraph=True, backend=_aot_graphs(graphs))
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    step(xc).backward()
+    got = (xc.grad.clone(), layer.sparse.values.grad.clone())
+    layer.zero_grad()
+    layer(xe).pow(2).sum().backward()
+    torch.testing.assert_close(got, (xe.grad, layer.sparse.values.grad), atol=ATOL, rtol=RTOL)
+    assert len(graphs) == 2 and f"sparseode.triton_{fmt}_spmm" in graphs[0]
+    assert f"sparseode.triton_{fmt}_spmm_t" in graphs[1] and f"sparseode.triton_{fmt}_sddmm" in graphs[1]
