@@ -57,3 +57,21 @@ def test_run_script_parses_and_fits_eight_minutes() -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     limits = [int(m) for m in re.findall(r"^step \w+ (\d+) ", script.read_text(), flags=re.M)]
     assert len(limits) == 5 and sum(limits) + 5 * 5 < 8 * 60  # a step that overruns is killed 5 s later
+
+
+@pytest.mark.parametrize("spec", ("toy64", "power"))
+def test_tasks_agree_with_their_baselines_on_cpu(bench: ModuleType, spec: str) -> None:
+    # the timed closures themselves (on the CPU op here): fused and baseline compute the same thing
+    from sparseode.benchmark import FIELDS, make_fields
+    from sparseode.nn.convert import sparsify
+
+    _, pruned = make_fields(FIELDS[spec], 0.1)
+    sparse = sparsify(pruned[0], format="csr")
+    z = torch.randn(33, FIELDS[spec].dim)
+    tasks = bench.make_tasks(pruned[0], sparse, z, torch.tensor(0.3))
+    assert set(tasks) == set(bench.TASKS)
+    for task, (base, fused) in tasks.items():
+        want, got = base(), fused()
+        assert bench._rel_error(got, want) < 1e-4, task
+        if task == "exact":
+            assert want[1].abs().max() > 0  # a real trace, not zeros
