@@ -1,6 +1,6 @@
 // Device kernels of spmm (y = act(x W^T + bias)) on CUDA, launched by spmm_cuda.cu: CSR rows split
-// over thread blocks by stored entries, BSR on tensor cores (fp16/bf16) or shared-memory tiles, and
-// the feature-major kernel of spmm_fm. The non-finite pass is in nonfinite.cuh.
+// over thread blocks by stored entries, BSR on tensor cores (fp16/bf16) or shared-memory tiles. The
+// feature-major kernel is in spmm_fm_cuda.cu, the non-finite pass in nonfinite.cuh.
 #pragma once
 
 #include "cuda_common.cuh"
