@@ -6,14 +6,18 @@ One round of :func:`iterative` (Liebenwein et al. 2021, "Sparse flows"; Frankle 
 2. score the current network (``importance(method)``) and prune to the round's sparsity
    ``s_k = 1 − keep_k`` (masks compose: nothing pruned earlier comes back),
 3. retrain from the current weights with ``fit(model, callbacks=[...])``; every call builds a new
-   optimiser, so the learning-rate schedule restarts; an intermediate round ends early when
-   ``stop`` says so, the final round always runs ``final_fit`` (default ``fit``) to its budget,
+   optimiser, so the learning-rate schedule restarts (``warm_restarts``, as in the paper); with
+   ``sparse`` the round trains a sparsified copy holding the round's pattern and the values come
+   back into the masked model (:mod:`sparseode.prune.sparse_retrain`); an intermediate round ends
+   early when ``stop`` says so, the final round always runs ``final_fit`` (default ``fit``) to its
+   budget,
 4. evaluate, record (sparsity, validation metric, steps/epochs, wall time, stop reason) and keep a
    checkpoint (``state_dict`` with the masks).
 
 The default schedule of keep ratios (:func:`default_schedule`): geometric from 0.8 to 0.2 in 20
 steps, ``keep_k = 0.8·(0.2/0.8)^(k/19)``, then linear from 0.18 to 0.02 in 9 steps (down to 98%
-sparsity); truncated at ``target`` (and ending exactly at it). The plan, scoring, rewinding and
+sparsity); truncated at ``target`` (and ending exactly at it): the ``"sparse_flows"`` preset of
+:mod:`sparseode.prune.presets`, beside the paper's tabular cascades. The plan, scoring, rewinding and
 resumable state live in :mod:`sparseode.prune.cascade`.
 """
 from __future__ import annotations
