@@ -75,3 +75,10 @@ def test_tasks_agree_with_their_baselines_on_cpu(bench: ModuleType, spec: str) -
         assert bench._rel_error(got, want) < 1e-4, task
         if task == "exact":
             assert want[1].abs().max() > 0  # a real trace, not zeros
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or shutil.which("bash") is None,
+                    reason="checks the run script's refusal without a GPU")
+def test_run_script_refuses_without_a_gpu() -> None:
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU visible to torch" in done.stderr
