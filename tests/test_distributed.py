@@ -104,16 +104,17 @@ def retrain(model, callbacks=(), fail_at=None, calls=None):
 
 
 def run_iterative(ckpt_dir: str | None, *, resume: bool = False, fail_at: int | None = None,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, sparse: bool | str = "auto") -> dict:
     """3 rounds to 75% with SNIP scores on 4 scoring batches (2 per rank under DDP)."""
     model = tiny_cnf()
     x = data()
     score_batches = [(x[i:i + 10],) for i in range(0, N, 10)]
     fit_fn = functools.partial(retrain, fail_at=fail_at, calls=[]) if fail_at else retrain
     hist = so.prune.iterative(model, fit_fn, target=0.75, rounds=3, method="snip", data=score_batches,
-                              n_batches=4, checkpoint_dir=ckpt_dir, resume=resume, progress=progress)
+                              n_batches=4, checkpoint_dir=ckpt_dir, resume=resume, progress=progress,
+                              sparse=sparse)
     return {"masks": masks_of(model), "state": state_of(model), "rounds": [r["round"] for r in hist.to_dicts()],
-            "sparsity": [r["sparsity"] for r in hist.to_dicts()]}
+            "sparsity": [r["sparsity"] for r in hist.to_dicts()], "forms": [r.sparse for r in hist.rounds]}
 
 
 class _CountSaves:
@@ -224,6 +225,7 @@ SCENARIOS = {
     "fit_list": lambda out, ref: fit_loader("list"),
     "fit_sampler": lambda out, ref: fit_loader("sampler"),
     "iterative": lambda out, ref: run_iterative(None),
+    "iterative_sparse": lambda out, ref: run_iterative(None, sparse=True),
     "rank0_outputs": lambda out, ref: rank0_outputs(out),
     "icp_connectivity": lambda out, ref: icp_rounds("connectivity"),
     "icp_discrepancy": lambda out, ref: icp_rounds("discrepancy"),
@@ -328,6 +330,23 @@ def test_three_rounds_of_iterative_on_two_ranks_end_with_the_masks_of_one_proces
             assert torch.equal(r["masks"][k], m), k
         assert_states_close(r["state"], single["state"], "after 3 rounds")
     assert single["sparsity"][-1] == pytest.approx(0.75, abs=0.02)
+
+
+def test_sparse_rounds_on_two_ranks_agree_and_equal_masked_rounds_of_one_process(ranks):
+    from sparseode.nn import fused_field
+
+    if not fused_field.op_available()[0]:
+        pytest.skip("sparseode._C with the fused field op is not built here")
+    masked = run_iterative(None, sparse=False)
+    on_ranks = ok(ranks, "iterative_sparse")
+    assert masked["forms"] == [False] * 3
+    for r in on_ranks:  # every round retrained on the sparsified model, on both ranks
+        assert r["forms"] == [True] * 3 and r["sparsity"] == masked["sparsity"]
+        for k, m in masked["masks"].items():
+            assert torch.equal(r["masks"][k], m), k
+        assert_states_close(r["state"], masked["state"], "sparse rounds on 2 ranks")
+    for k in masked["state"]:  # the ranks hold the same model
+        assert torch.equal(on_ranks[0]["state"][k], on_ranks[1]["state"][k]), k
 
 
 @pytest.mark.parametrize("measure", ["connectivity", "discrepancy"])
