@@ -205,3 +205,20 @@ def test_sparse_true_float32_and_history_json(tmp_path):
     saved = so.prune.PruneHistory.from_dicts(hist.to_dicts())
     assert [r.sparse for r in saved.rounds] == [True, True]
     assert all(math.isclose(r.lr_start, 1e-2) for r in saved.rounds)
+
+
+def test_sparse_true_on_a_plain_mlp_equals_masked():
+    """Without a field there is no fused op: sparse=True still trains SparseLinear layers (per-layer ops)."""
+    from prune_helpers import mlp, mse
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(48, 3, generator=g, dtype=torch.float64)
+    y = torch.tanh(X[:, :2])
+    fit_fn = functools.partial(fit, data=(X, y), loss_fn=mse, epochs=2, lr=1e-2, batch_size=16, progress=False)
+    runs = {}
+    for mode in (False, True):
+        torch.manual_seed(0)
+        runs[mode] = so.prune.iterative(mlp((3, 16, 16, 2)), fit_fn, schedule=[0.5, 0.2], sparse=mode,
+                                        progress=False)
+    assert [r.sparse for r in runs[True].rounds] == [True, True]
+    assert_same_rounds(runs[False], runs[True])
