@@ -9,8 +9,8 @@ rounding) the same weights. Each cascade's wall clock covers everything ``iterat
 (scoring, pruning, retraining with per-epoch validation, checkpoints in memory). The final models'
 test NLL is computed the same way for both (rtol=atol=1e-5).
 
-    python bench/cascade.py                          # sparse_flows preset (29 rounds), 1 epoch each
-    python bench/cascade.py --schedule sparse_flows_8 --retrain-epochs 2
+    python bench/cascade.py                          # sparse_flows_12 preset (12 rounds to 95%), 1 epoch each
+    python bench/cascade.py --schedule sparse_flows --retrain-epochs 2   # the paper's 29 toy rounds
     python bench/cascade.py --sparse on              # every round sparse, also the dense-ish ones
 """
 from __future__ import annotations
@@ -34,13 +34,15 @@ MODES = {"auto": "auto", "on": True}
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--schedule", default="sparse_flows", choices=sorted(PRESETS), help="the cascade's preset")
+    p.add_argument("--schedule", default="sparse_flows_12", choices=sorted(PRESETS), help="the cascade's preset")
     p.add_argument("--target", type=float, default=None, help="final sparsity (default: the preset's end)")
     p.add_argument("--dense-epochs", type=int, default=10, help="training of the dense model (not timed)")
     p.add_argument("--retrain-epochs", type=int, default=1, help="retraining epochs per round")
     p.add_argument("--sparse", choices=sorted(MODES), default="auto", help="iterative(sparse=) of the sparse run")
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64], help="hidden widths of the field")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the pair this many times, alternating, and keep each mode's fastest (noisy machines)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result here")
     return p.parse_args(argv)
@@ -73,19 +75,20 @@ def run(args: argparse.Namespace) -> dict:
     print(f"dense model: {args.dense_epochs} epochs in {time.perf_counter() - t0:.1f} s, "
           f"test NLL {final_nll(dense, hidden, test):.4f}", flush=True)
     out = {"schedule": args.schedule, "retrain_epochs": args.retrain_epochs, "threads": args.threads,
-           "hidden": list(hidden), "sparse_mode": args.sparse, "runs": {}}
-    for name, mode in (("masked", False), ("sparse", MODES[args.sparse])):
-        model = so.prune.clone(dense)
-        t0 = time.perf_counter()
-        hist = so.prune.iterative(model, functools.partial(train_fit, epochs=args.retrain_epochs),
-                                  target=args.target, schedule=args.schedule, sparse=mode, seed=args.seed,
-                                  progress=False)
-        wall = time.perf_counter() - t0
-        out["runs"][name] = {"wall_s": wall, "test_nll": final_nll(model, hidden, test),
-                             "rounds": hist.to_dicts()}
-        print(f"{name:>6}: {len(hist)} rounds in {wall:.1f} s, final sparsity {hist.rounds[-1].sparsity:.4f}, "
-              f"test NLL {out['runs'][name]['test_nll']:.4f} ({sum(r.sparse for r in hist.rounds)} rounds "
-              "retrained sparse)", flush=True)
+           "hidden": list(hidden), "sparse_mode": args.sparse, "repeat": args.repeat, "runs": {}}
+    for _ in range(args.repeat):
+        for name, mode in (("masked", False), ("sparse", MODES[args.sparse])):
+            model = so.prune.clone(dense)
+            t0 = time.perf_counter()
+            hist = so.prune.iterative(model, functools.partial(train_fit, epochs=args.retrain_epochs),
+                                      target=args.target, schedule=args.schedule, sparse=mode, seed=args.seed,
+                                      progress=False)
+            wall = time.perf_counter() - t0
+            nll = final_nll(model, hidden, test)
+            print(f"{name:>6}: {len(hist)} rounds in {wall:.1f} s, final sparsity {hist.rounds[-1].sparsity:.4f}, "
+                  f"test NLL {nll:.4f} ({sum(r.sparse for r in hist.rounds)} rounds retrained sparse)", flush=True)
+            if name not in out["runs"] or wall < out["runs"][name]["wall_s"]:
+                out["runs"][name] = {"wall_s": wall, "test_nll": nll, "rounds": hist.to_dicts()}
     return out
 
 
@@ -94,7 +97,7 @@ def report(out: dict) -> str:
     per_round = [(a["time_s"], b["time_s"], b["sparse"]) for a, b in zip(m["rounds"], s["rounds"])]
     sparse_rounds = [(a, b) for a, b, sp in per_round if sp]
     lines = [f"cascade {out['schedule']} ({len(per_round)} rounds, {out['retrain_epochs']} retraining epoch(s) "
-             f"each, {out['threads']} threads): masked {m['wall_s']:.1f} s, sparse {s['wall_s']:.1f} s, "
+             f"each, {out['threads']} threads, fastest of {out['repeat']}): masked {m['wall_s']:.1f} s, sparse {s['wall_s']:.1f} s, "
              f"ratio {m['wall_s'] / s['wall_s']:.2f}x",
              f"final test NLL: masked {m['test_nll']:.4f}, sparse {s['test_nll']:.4f} "
              f"(difference {s['test_nll'] - m['test_nll']:+.4f})"]
