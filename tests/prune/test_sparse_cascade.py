@@ -222,3 +222,27 @@ def test_sparse_true_on_a_plain_mlp_equals_masked():
                                         progress=False)
     assert [r.sparse for r in runs[True].rounds] == [True, True]
     assert_same_rounds(runs[False], runs[True])
+
+
+@needs_op
+def test_sparse_round_optimiser_holds_only_the_kept_weights_and_starts_fresh():
+    """The policy of the module doc: a fresh AdamW per round whose moments cover exactly the kept
+    entries (plus biases), and no optimiser state carried from one round to the next."""
+    model = cnf()
+    so.prune.apply(model, "magnitude", 0.8)
+    kept = sum(int(m.sum()) for m in so.prune.masks(model).values())
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    seen = []
+
+    def cb(state):
+        opt = state.optimizer
+        numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        steps = {int(opt.state[p]["step"]) for g in opt.param_groups for p in g["params"] if p in opt.state}
+        seen.append((opt, numel, steps))  # holding opt keeps it alive: no reused object
+
+    wrapper = SparseRetrain(retrain(epochs=1), True)
+    wrapper(model, callbacks=[cb])
+    wrapper(model, callbacks=[cb])
+    assert {n for _, n, _ in seen} == {kept + biases}
+    first, second = seen[0], seen[len(seen) // 2]
+    assert first[0] is not second[0] and first[2] == second[2] == {1}  # a new optimiser, its step count from 1
