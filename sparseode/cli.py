@@ -24,7 +24,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="gaussians", help="a toy mixture density (sparseode.data.MIXTURES)")
     p.add_argument("--out", default="runs/demo", help="output folder (JSON record, checkpoints, plots)")
     p.add_argument("--epochs", type=int, default=30, help="dense training epochs")
-    p.add_argument("--retrain-epochs", type=int, default=6, help="retraining epochs per pruning round")
+    p.add_argument("--retrain-epochs", type=int, default=12, help="retraining epochs per pruning round")
     p.add_argument("--seed", type=int, default=0, help="seed of the data draws and the initialisation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -39,6 +39,7 @@ def test_train_then_prune_then_reload(tmp_path):
 
 
 def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    from sparseode import demo
     from sparseode.demo import run_demo
 
     record = run_demo("gaussians", tmp_path, hidden=(8, 8), epochs=1, retrain_epochs=1, n_train=512,
@@ -50,6 +51,9 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
         assert r["mode_line"] in table and ("pass" in r["mode_line"]) == r["strict_ok"]
         assert f"{r['test_nll'] - record['rows'][0]['test_nll']:+.3f}" in table
     assert record["rows"][1]["params"] < record["rows"][0]["params"]
+    assert record["rule"] == demo.RULE and record["schedule"] == list(demo.SCHEDULE)  # the study's choice
+    assert [round(r["sparsity"], 2) for r in record["rounds"]] == [round(1 - k, 2) for k in demo.SCHEDULE]
+    assert f"({demo.RULE['method']}, {demo.RULE['scope']};" in table
     for name in ("demo.json", "dense.pt", "pruned_90.pt", "pruned_98.pt", "sparse_98.pt", "flow_dense.png",
                  "flow_98.png", "nll_vs_sparsity.png"):
         assert (tmp_path / name).stat().st_size > 0, name
