@@ -152,7 +152,7 @@ def run_cell(args: argparse.Namespace, cell: dict[str, Any]) -> tuple[list[dict]
     base = {"dataset": dataset, "arch": arch, "rule": rule, "seed": seed, "steps": steps,
             "schedule": cell["schedule"], "lr": cell["lr"], "dense_nll": dense_nll,
             "entropy_floor": floor}
-    probe = data["val"][:256]
+    probe = data["val"][:args.hessian_points]
     hess = [{**base, "round": -1, "keep": 1.0, "sparsity": 0.0, **hessian(dense, probe, args.hessian_iters)}] \
         if cell["hessian"] else []
     rows = [{**base, "round": -1, "keep": 1.0, "sparsity": 0.0, "test_nll": dense_nll, "gap": 0.0,
@@ -202,19 +202,20 @@ def plan(args: argparse.Namespace, done: list[dict]) -> Iterator[dict[str, Any]]
         yield cell("gaussians", "demo", r, 0, args.steps // 6, schedule="sparse_flows", lr=lr, hessian=True)
     for steps in (2 * args.steps, args.steps // 2):  # NLL at 98% against the retraining budget
         yield cell("gaussians", "demo", "lamp", 0, steps)
-    for r in rest:
-        yield cell("gaussians", "demo", r, 0)
-    for r in first:
-        yield cell("gaussians", "paper", r, 0, hessian=r == "lamp")
+    yield cell("gaussians", "paper", "lamp", 0, hessian=True)
     for s in (1, 2):
-        for r in first:
-            yield cell("gaussians", "demo", r, s)
+        yield cell("gaussians", "demo", "lamp", s)
     for d in ("spirals", "moons"):  # no known mixture: NLL only
         yield cell(d, "demo", "lamp", 0)
+    yield cell("gaussians", "demo", "lamp", 0, 4 * args.steps)
+    for s in (1, 2):
+        yield cell("gaussians", "demo", "global", s)
+    for r in rest:
+        yield cell("gaussians", "demo", r, 0)
+    yield cell("gaussians", "paper", "global", 0)
     for s in (1, 2):
         for r in rest:
             yield cell("gaussians", "demo", r, s)
-    yield cell("gaussians", "demo", "lamp", 0, 4 * args.steps)
     for r in rest:
         yield cell("gaussians", "paper", r, 0)
     for a in ("demo", "paper"):
@@ -235,8 +236,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--archs", type=lambda s: s.split(","), default=None, help="demo,paper")
     p.add_argument("--rules", type=lambda s: s.split(","), default=None, help=",".join(RULES))
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=None)
-    p.add_argument("--steps", type=int, default=demo.RETRAIN_EPOCHS * demo.N_TRAIN // demo.BATCH,
-                   help="retraining steps per round (final round: twice); default: the demo's")
+    p.add_argument("--steps", type=int, default=96,
+                   help="retraining steps per round of the main grid (final round: twice); 96 = 6 epochs")
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="five",
                    help="cascade of the main grid: five (the demo's 5 rounds) or sparse_flows (the paper's 29)")
     p.add_argument("--keep", type=lambda s: [float(v) for v in s.split(",")], default=None,
@@ -252,6 +253,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dense-epochs", type=int, default=demo.EPOCHS)
     p.add_argument("--hessian", action="store_true", help="with --plan product: Hessian spectra of the first seed")
     p.add_argument("--hessian-iters", type=int, default=10, help="power iterations and Hutchinson probes")
+    p.add_argument("--hessian-points", type=int, default=256, help="validation points of the Hessian's NLL")
     p.add_argument("--cache", default="runs/sparse_flows", help="dense models are cached here ('' for none)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
@@ -276,7 +278,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--datasets: unknown dataset {d!r}; choose from {sorted(D.TOY_DATASETS)}")
     if args.tiny:
         args.n_train, args.n_test, args.n_samples, args.dense_epochs, args.steps = 256, 256, 300, 1, 2
-        args.batch, args.keep, args.cache, args.hessian_iters = 128, args.keep or [0.5, 0.1], "", 3
+        args.batch, args.keep, args.cache = 128, args.keep or [0.5, 0.1], ""
+        args.hessian_iters, args.hessian_points = 2, 32
     if args.keep is not None:
         args.schedule = "custom"
     args.keep = args.keep or list(SCHEDULES[args.schedule])

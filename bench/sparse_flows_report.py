@@ -198,7 +198,8 @@ def write(out: Path, rows: list[dict], hess: list[dict], args: argparse.Namespac
         lines += ["## Schedules and retraining budgets (gaussians, demo architecture, seed 0)", ""] + budget + [""]
     hl = _hessian(hess, rows)
     if hl:
-        lines += [f"## Hessian of the NLL over the kept weights (256 validation points, {args.hessian_iters} power "
+        lines += [f"## Hessian of the NLL over the kept weights ({args.hessian_points} validation points, "
+                  f"{args.hessian_iters} power "
                   f"iterations, {args.hessian_iters} Hutchinson probes)", ""] + hl + [""]
     (out / "sparse_flows.md").write_text("\n".join(lines))
     _plot(out / "sparse_flows.png", rows, main)
