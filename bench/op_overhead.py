@@ -4,25 +4,50 @@ the kernel itself costs almost nothing and what is timed is the Python and dispa
 Rows (each checked against nn.Linear before it is timed, torch.utils.benchmark medians, one
 thread): ``train`` = forward + backward of sum(layer(x)), ``forward`` = forward with autograd
 recording (the call that builds the graph), ``inference`` = forward under no_grad. Columns: dense
-nn.Linear, and SparseLinear on each available backend.
+nn.Linear, SparseLinear on each available backend, and ``cpu-pyautograd``: the C++ kernels with
+the ops' autograd formulas registered from Python (sparseode/ops/library.py) over the C++ ones
+(csrc/autograd_ops.cpp), the path every call took before the autograd moved to C++. ``switch``:
+what one use_backend() enter and exit costs (registration work), which a layer pinned to another
+backend paid per call before pinning called the backend's own ops. Each column is timed in
+``--rounds`` alternating rounds; the table shows the minimum over rounds.
 
-    OMP_NUM_THREADS=1 flock /tmp/sparseode-bench.lock python bench/op_overhead.py
+    OMP_NUM_THREADS=1 flock /tmp/sparseode-bench.lock python bench/op_overhead.py --rounds 3
     python bench/op_overhead.py --out 8 --inp 8 --batch 4 --format csr --json overhead.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils import benchmark
 
 from sparseode.nn import SparseLinear
+from sparseode.ops import library, use_backend
+from sparseode.ops.handlers import FORMAT_HANDLERS
 
 TASKS = ("train", "forward", "inference")
+PY_AUTOGRAD = "cpu-pyautograd"
+
+
+@contextlib.contextmanager
+def python_autograd() -> Iterator[None]:
+    """The ops' autograd formulas from Python (register_autograd) in front of the C++ ones, inside."""
+    import warnings
+
+    lib = torch.library.Library("sparseode", "FRAGMENT")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
+        for h in FORMAT_HANDLERS.values():
+            library.register_autograd(h, library.OPS, lib=lib)
+    try:
+        yield
+    finally:
+        lib._destroy()
 
 
 def timed(fn: Callable[[], object], min_run_time: float) -> float:
@@ -63,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="csr", choices=("masked", "csr", "bsr"))
     parser.add_argument("--backends", nargs="+", default=["cpu", "torch"])
     parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; the minimum is shown")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
 
@@ -78,19 +104,43 @@ def main(argv: list[str] | None = None) -> int:
         layer = SparseLinear.from_dense(dense, mask, format=args.format, backend=backend, block=block)
         check(layer, dense, x)
         layers[backend] = layer
+    columns = list(layers) + ([PY_AUTOGRAD] if "cpu" in layers else [])
+
+    def timed_cell(task: str, column: str) -> float:
+        if column == PY_AUTOGRAD:
+            with python_autograd():
+                check(layers["cpu"], dense, x)
+                fn = task_fn(task, layers["cpu"], x)
+                fn()
+                return timed(fn, args.min_run_time)
+        fn = task_fn(task, layers[column], x)
+        fn()
+        return timed(fn, args.min_run_time)
+
+    def switch() -> None:
+        with use_backend("torch", "cpu"):
+            pass
+
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(args.rounds):
+        for task in TASKS:
+            for column in columns:
+                t = timed_cell(task, column) * 1e6
+                best[task, column] = min(best.get((task, column), t), t)
+        t = timed(switch, args.min_run_time) * 1e6
+        best["switch", ""] = min(best.get(("switch", ""), t), t)
 
     rows = []
     print(f"SparseLinear {args.out}x{args.inp}, batch {args.batch}, format {args.format}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); microseconds per call")
-    print(f"{'task':<10}" + "".join(f"{name:>12}" for name in layers))
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); microseconds per call, "
+          f"min of {args.rounds} round(s)")
+    print(f"{'task':<10}" + "".join(f"{name:>16}" for name in columns))
     for task in TASKS:
-        row = {"task": task}
-        for name, layer in layers.items():
-            fn = task_fn(task, layer, x)
-            fn()
-            row[name] = timed(fn, args.min_run_time) * 1e6
+        row = {"task": task, **{name: best[task, name] for name in columns}}
         rows.append(row)
-        print(f"{task:<10}" + "".join(f"{row[name]:>12.1f}" for name in layers))
+        print(f"{task:<10}" + "".join(f"{row[name]:>16.1f}" for name in columns))
+    print(f"use_backend switch (enter + exit): {best['switch', '']:.1f} us")
+    rows.append({"task": "switch", "us": best["switch", ""]})
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "us_per_call": rows}, fh, indent=1)

@@ -173,9 +173,31 @@ std::pair<std::string, Primitive> parse(const std::string& name) {
   TORCH_CHECK(false, "sparseode autograd: ", name, " is not a <format>_<primitive> op");
 }
 
+// True when autograd would record the call: grad mode on and a tensor argument requiring grad. A
+// forward-mode tangent (torch.autograd.forward_ad) is refused: the ops have no forward formula
+// (the fields carry tangents as extra columns of spmm_fm instead), and dropping it would be wrong.
+bool records(const c10::OperatorHandle& op, const torch::jit::Stack& stack, size_t n_args) {
+  bool any = false;
+  for (size_t i = stack.size() - n_args; i < stack.size(); ++i) {
+    if (!stack[i].isTensor()) continue;
+    const Tensor& t = stack[i].toTensor();
+    TORCH_CHECK(!t._fw_grad(/*level=*/0).defined(), op.schema().name(), ": argument ",
+                op.schema().arguments()[i - (stack.size() - n_args)].name(),
+                " carries a forward-mode tangent, and sparseode's ops have no forward-mode AD "
+                "formula (feature-major spmm_fm takes tangent directions as extra columns)");
+    any = any || t.requires_grad();
+  }
+  return any && at::GradMode::is_enabled();
+}
+
 void autograd_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   const size_t n_args = schema.arguments().size();
+  if (!records(op, *stack, n_args)) {  // inference: straight to the kernel, no node, nothing saved
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.callBoxed(*stack);
+    return;
+  }
   const auto [format, prim] = parse(schema.name());
   auto args = torch::jit::pop(*stack, n_args);
   const size_t n_tail = prim == Primitive::Spmm ? 2 : prim == Primitive::SpmmFm ? 3 : 0;

@@ -67,13 +67,13 @@ def fake_kernels(h: FormatHandler) -> dict[str, Callable]:
 
 # --- autograd -------------------------------------------------------------------------------------
 def register_autograd(h: FormatHandler, ops: dict[str, torch._ops.OpOverload], prefix: str = "",
-                      skip: frozenset[str] = frozenset()) -> None:
+                      skip: frozenset[str] = frozenset(), lib: torch.library.Library | None = None) -> None:
     """The formulas above in Python on ``sparseode::<prefix><op>`` for the ops of format ``h``
     but those in ``skip``, written with ``ops`` (op name -> the op the backward calls).
     sparseode._C registers the same formulas in C++ for the Autograd key of the ops
     (csrc/autograd_ops.cpp: a call then records no Python at all), which are skipped; ``prefix``
     "triton_" registers them on the Triton twins (sparseode/ops/triton.py), whose backward then
-    calls twins too."""
+    calls twins too. With ``lib`` the registrations live (and end) with that library."""
     n = len(h.pattern_type._fields)
     spmm, spmm_t, sddmm = ops[h.op_name("spmm")], ops[h.op_name("spmm_t")], ops[h.op_name("sddmm")]
     none = (None,) * n
@@ -122,7 +122,8 @@ def register_autograd(h: FormatHandler, ops: dict[str, torch._ops.OpOverload], p
     for prim, backward, setup in (("spmm", spmm_backward, setup_spmm), ("spmm_fm", spmm_backward, setup_spmm),
                                   ("spmm_t", spmm_t_backward, setup_pair), ("sddmm", sddmm_backward, setup_pair)):
         if h.op_name(prim) not in skip:
-            torch.library.register_autograd(f"sparseode::{prefix}{h.op_name(prim)}", backward, setup_context=setup)
+            torch.library.register_autograd(f"sparseode::{prefix}{h.op_name(prim)}", backward, setup_context=setup,
+                                            lib=lib)
 
 
 def kernel_registered(name: str, dispatch_key: str) -> bool:

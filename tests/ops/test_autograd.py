@@ -83,3 +83,23 @@ def test_cpp_autograd_marks_only_what_needs_a_gradient():
     want = ((y > 0).to(y.dtype).t() @ x)[sw.kept_mask()]
     torch.testing.assert_close(gv, want)
     assert x.grad is None
+
+
+def test_inference_records_nothing_and_forward_mode_tangents_are_refused():
+    """Under no_grad the op goes straight to its kernel (no node); a torch.autograd.forward_ad
+    tangent is a clear error rather than silently dropped (the ops have no forward formula)."""
+    if backend_skip_reason("cpu"):
+        pytest.skip(backend_skip_reason("cpu"))
+    import torch.autograd.forward_ad as fwAD
+
+    from sparseode.ops import SparseWeight, reference
+
+    sw = SparseWeight.from_dense(torch.randn(4, 3), format="csr")
+    x = torch.randn(2, 3)
+    spmm = library.op("csr", "spmm")
+    with torch.no_grad():
+        y = spmm(x, sw.values, *sw.pattern, None, "tanh")
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, reference.spmm(x, sw.values.detach(), sw.pattern, None, "tanh"))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="argument x carries a forward-mode tangent"):
+        spmm(fwAD.make_dual(x, torch.randn(2, 3)), sw.values.detach(), *sw.pattern, None, "tanh")
