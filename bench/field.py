@@ -4,7 +4,7 @@ log_prob (exact trace), sample and one training step; the sparse fused field aga
 FFJORD-style A and against B (the same dense weights through the fused op); every row checks
 values (training: loss and every gradient) against the masked dense model before it is timed.
 
-    OMP_NUM_THREADS=2 python bench/field.py                  # --grid issue: the README table, ~7 min
+    OMP_NUM_THREADS=2 python bench/field.py                  # --grid issue: the README table, ~8 min
     OMP_NUM_THREADS=2 python bench/field.py --grid full      # plus 2 -> 1024x3 CNF tasks at batch 10000
     python bench/field.py --quick                            # toy and POWER, 2 densities, batch 1000
     python bench/field.py --archs wide256 --densities 0.1 0.02 --batches 1000 --tasks forward train

@@ -177,3 +177,12 @@ def test_bad_arguments_are_refused_by_name(bad, capsys):
         cli.build_parser().parse_args(["bench", "field", *bad])
     assert exit_info.value.code == 2
     assert bad[0] in capsys.readouterr().err
+
+
+def test_a_training_cell_leaves_the_weights_as_built_for_the_next_task(tmp_path, load_bench):
+    # Adam moves the dense reference's pruned weights off zero; later tasks must not see that
+    field = load_bench("field")
+    argv = ["--archs", "toy64", "--densities", "0.5", "--batches", "8", "--tasks", "train", "forward",
+            "--out-dir", str(tmp_path), *TINY]
+    assert field.main(argv) == 0
+    assert [r["task"] for r in _rows(tmp_path / "tiny.json")] == ["train", "forward"]

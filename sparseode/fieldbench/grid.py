@@ -7,7 +7,7 @@ A cell is (field, batch, task); each cell yields one row per density. Named grid
 * ``issue`` (default): ``full`` less the 2 -> 1024x3 field's CNF tasks at batch 10000 (12 rows),
   which alone would take longer than the rest together on a 2-core CPU (one dense training step
   there costs tens of seconds and every density needs its own reference run). Estimated for a
-  quiet 2-core machine (:func:`estimate_seconds`): ~7 min, against ~23 min for ``full``;
+  quiet 2-core machine (:func:`estimate_seconds`): ~8 min, against ~25 min for ``full``;
 * ``quick``: the toy and POWER fields at density 0.1 and 0.02, batch 1000 (a sanity run, < 1 min).
 
 ``--archs/--densities/--batches/--tasks`` narrow the grid they are given with.
@@ -65,7 +65,7 @@ WHY_LEFT_OUT = ("the 2 -> 1024x3 field's CNF tasks at batch 10000 would take lon
 
 # --- the time estimate ---------------------------------------------------------------------------
 #: B's cost relative to A's (its dense training backward is slower than autograd's BLAS calls).
-B_FACTOR = {"forward": 1.0, "log_prob": 1.0, "sample": 1.0, "train": 1.3}
+B_FACTOR = {"forward": 1.0, "log_prob": 1.0, "sample": 1.0, "train": 1.5}
 
 
 def task_factor(task: str, dim: int, steps: int) -> float:
@@ -80,7 +80,7 @@ def task_factor(task: str, dim: int, steps: int) -> float:
 
 def _sparse_share(task: str, density: float) -> float:
     """A rough sparse/dense cost ratio (overheads keep it far above the density)."""
-    return 0.4 + 0.6 * density if task == "train" else 0.25 + 0.75 * density
+    return 0.5 + 0.8 * density if task == "train" else 0.25 + 0.75 * density
 
 
 def dense_forward_seconds(spec: FieldSpec, batch: int, repeats: int = 3) -> float:

@@ -115,5 +115,9 @@ def run_grid(grid: Grid, settings: Settings = Settings(), report: Callable[[dict
                 rows.append(row)
                 if report is not None:
                     report(row)
+            if task == "train":
+                for forms in runners.values():
+                    for runner in forms.values():
+                        runner.restore()
         del runners, cases  # free this field's models before the next one's
     return rows

@@ -56,6 +56,14 @@ class Runner:
         self.cnf = case.cnf(form, steps)
         self.inputs = inputs
         self.optimizer = torch.optim.Adam(self.cnf.parameters(), lr=LEARNING_RATE)
+        self._built = {name: value.clone() for name, value in self.cnf.state_dict().items()}
+
+    def restore(self) -> None:
+        """Back to the weights as built, with a fresh optimizer: training steps move the dense
+        forms' pruned weights off zero (their gradient there is not zero), which later tasks'
+        checks must not see."""
+        self.cnf.load_state_dict(self._built)
+        self.optimizer = torch.optim.Adam(self.cnf.parameters(), lr=LEARNING_RATE)
 
     def forward(self) -> Tensor:
         with torch.no_grad():
