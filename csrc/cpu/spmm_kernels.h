@@ -11,9 +11,12 @@
 
 namespace sparseode::cpu::SPARSEODE_CPU_VARIANT {
 
-// Accumulator budget per micro-tile in elements: 8 AVX2 registers.
+// Accumulator budget per micro-tile in elements: 8 AVX2 registers, or 16 of AVX-512's 32 registers
+// (with 4 only, a 4-row BSR micro-tile broadcast more weights than it loaded x vectors).
 template <typename T>
-constexpr int kAccum = 64 / static_cast<int>(sizeof(T) / sizeof(float));
+constexpr int kAccum = (SPARSEODE_CPU_VEC_BYTES == 64 ? 256 : 64) / static_cast<int>(sizeof(T) / sizeof(float));
+// Widest batch tile: 4 AVX-512 registers of float.
+constexpr int kMaxTile = 64;
 
 // Copies batch rows [b0, b0 + nb) of x (B, K) into xT (K, TB), zero-padding columns nb..TB.
 // Returns true when a copied value is NaN or +-Inf, and marks which rows in `nonfinite`.
@@ -316,13 +319,15 @@ void spmm_fm_tiles(const T* xT, const T* values, const int64_t* crow, const int6
 }
 
 // Batch tile: wide enough to fill the accumulators, narrow enough that the packed tile xT (K, TB)
-// stays in L1 (random rows of it are read once per stored block), and no wider than a thread's share.
+// stays in L1 (random rows of it are read once per stored block; AVX-512: in a quarter of L2, as
+// 16-lane registers need the wider tile to fill their accumulators), and no wider than a thread's share.
 template <typename T>
 int choose_tile(int64_t B, int64_t K) {
-  constexpr int64_t kL1Bytes = 32 * 1024;
+  constexpr int64_t kTileBytes = (SPARSEODE_CPU_VEC_BYTES == 64 ? 128 : 32) * 1024;
   const int64_t per_thread = (B + num_threads() - 1) / num_threads();
   int tb = 8;
-  while (tb < kAccum<T> && tb < per_thread && int64_t(2 * tb) * K * int64_t(sizeof(T)) <= kL1Bytes) tb *= 2;
+  while (tb < std::min(kAccum<T>, kMaxTile) && tb < per_thread && int64_t(2 * tb) * K * int64_t(sizeof(T)) <= kTileBytes)
+    tb *= 2;
   return tb;
 }
 
@@ -343,7 +348,7 @@ void spmm(const SpmmArgs<T>& a) {
     case 8: launch(std::integral_constant<int, std::max(8, L)>{}); break;
     case 16: launch(std::integral_constant<int, std::max(16, L)>{}); break;
     case 32: launch(std::integral_constant<int, std::max(32, L)>{}); break;
-    default: launch(std::integral_constant<int, kAccum<T>>{}); break;
+    default: launch(std::integral_constant<int, std::min(kAccum<T>, kMaxTile)>{}); break;
   }
 }
 
