@@ -46,7 +46,7 @@ FieldAct parse_field_activation(std::string_view name) {
 
 namespace {
 
-// Tile width: a whole number of SIMD registers, at most 4 of them, with both panels of the widest
+// Tile width: 1, 2 or 4 SIMD registers (the kernels take up to 8), with both panels of the widest
 // layer within ~L2/4, and small enough that every thread gets a tile.
 int64_t choose_tile(int64_t lanes, int64_t elem, int64_t B, int64_t width, int64_t m) {
   constexpr int64_t kPanelBytes = 256 * 1024;
@@ -56,6 +56,15 @@ int64_t choose_tile(int64_t lanes, int64_t elem, int64_t B, int64_t width, int64
   return tb;
 }
 
+// Per-thread panels, kept between calls (fresh ones would be page-faulted in on every evaluation).
+template <typename T>
+T* thread_buffer(int slot, size_t n) {
+  thread_local std::vector<T> buffers[3];
+  std::vector<T>& b = buffers[slot];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
 template <typename T>
 void run(const std::vector<FieldLayer<T>>& layers, FieldCall<T> call, int64_t width) {
   const FieldKernelsOf<T>& k = field_kernels().of<T>();
@@ -63,13 +72,18 @@ void run(const std::vector<FieldLayer<T>>& layers, FieldCall<T> call, int64_t wi
   call.PW = (1 + call.m) * call.TB;
   call.layers = layers.data();
   call.n_layers = static_cast<int64_t>(layers.size());
+  std::vector<int64_t> iota(static_cast<size_t>(width));
+  for (size_t i = 0; i < iota.size(); ++i) iota[i] = static_cast<int64_t>(i);
+  call.iota = iota.data();
   const int64_t n_tiles = (call.B + call.TB - 1) / call.TB;
   int64_t work = 0;
   for (const auto& layer : layers) work += (layer.crow ? layer.crow[layer.N] : layer.N * layer.K) * call.PW;
   const int64_t grain = work * n_tiles < (1 << 16) ? n_tiles : 1;  // tiny calls: no thread wake-up
   at::parallel_for(0, n_tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> a(static_cast<size_t>(width * call.PW)), b(a.size()), row(static_cast<size_t>(2 * call.PW));
-    k.tiles(call, begin, end, FieldScratch<T>{a.data(), b.data(), row.data()});
+    const size_t panel = static_cast<size_t>(width * call.PW);
+    k.tiles(call, begin, end,
+            FieldScratch<T>{thread_buffer<T>(0, panel), thread_buffer<T>(1, panel),
+                            thread_buffer<T>(2, static_cast<size_t>(2 * call.PW))});
   });
 }
 
@@ -189,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_field(
     }
     FieldCall<scalar_t> call{nullptr, 0, B, d, m, 0, 0, static_cast<int>(trace), act, z.data_ptr<scalar_t>(),
                              e.defined() ? e.data_ptr<scalar_t>() : nullptr, f.data_ptr<scalar_t>(),
-                             tr.data_ptr<scalar_t>()};
+                             tr.data_ptr<scalar_t>(), nullptr};
     run<scalar_t>(layers, call, width);
   });
   return {f, tr, saved};

@@ -27,6 +27,30 @@ using Vec = typename VecOf<T>::type;
 template <typename T>
 constexpr int64_t kLanes = FIELD_VEC_BYTES / sizeof(T);
 
+// Accumulator registers a hidden row's micro-kernel may hold: AVX-512 has 32 vector registers,
+// AVX2 16 (the rest hold the x loads and the broadcast weight).
+constexpr int kAccumulators = FIELD_VEC_BYTES == 64 ? 16 : 12;
+
+template <typename T, size_t... I>
+inline Vec<T> splat_lanes(T w, std::index_sequence<I...>) {
+  return Vec<T>{((void)I, w)...};
+}
+// w in every lane: one broadcast (`Vec<T>{} + w` costs an add of -0.0-preserving zero first).
+template <typename T>
+inline Vec<T> splat(T w) {
+  return splat_lanes<T>(w, std::make_index_sequence<static_cast<size_t>(kLanes<T>)>{});
+}
+template <typename T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 // out[0 : NV vectors) = sum_{p in [p0, p1)} w[p] x[column(p) * ldx + (0 : NV vectors)], column(p) =
 // col[p] (CSR) or p - p0 (dense row). Below 8 registers of accumulators, two partial sums over
 // alternating entries keep enough independent multiply-adds in flight.
@@ -43,7 +67,7 @@ inline void row_chunk(const T* __restrict w, const int64_t* __restrict col, int6
     for (int n = 0; n < NV; ++n) acc[q][n] = V{};
   auto add = [&](int q, int64_t p) __attribute__((always_inline)) {
     const T* xr = x + (col ? col[p] : p - p0) * ldx;
-    const V v = V{} + w[p];
+    const V v = splat(w[p]);
 #pragma GCC unroll 8
     for (int n = 0; n < NV; ++n) {
       V xv;
@@ -149,23 +173,164 @@ void pack_input(const FieldCall<T>& g, int64_t b0, int64_t nb, T* panel) {
   }
 }
 
-// Hidden-layer epilogue of output row n (PW values in L1): records the products for the backward,
-// then states <- act(scale * u + shift), tangents <- act'(pre) * scale * v.
-template <typename T, FieldAct ACT>
-void hidden_epilogue(const FieldLayer<T>& layer, const FieldCall<T>& g, int64_t n, int64_t b0, int64_t nb,
-                     T* __restrict y, T* __restrict slope) {
-  if (layer.saved)
-    for (int64_t q = 0; q <= g.m; ++q) std::copy_n(y + q * g.TB, nb, layer.saved + (n * layer.groups + q) * g.B + b0);
-  const T s = layer.scale ? layer.scale[n] : T(1), c = layer.shift ? layer.shift[n] : T(0);
-  for (int64_t j = 0; j < g.TB; ++j) {
-    T out, dout;
-    activate_with_derivative<T, ACT>(s * y[j] + c, out, dout);
-    y[j] = out;
-    slope[j] = dout * s;
+// tanh of every lane: float by tanh_rational's formula on whole vectors, double lane by lane.
+template <typename T>
+inline Vec<T> tanh_vec(Vec<T> a) {
+  using V = Vec<T>;
+  if constexpr (std::is_same_v<T, float>) {
+    const V clamp = splat(7.90531110763549805f);
+    V x = a > clamp ? clamp : a;  // NaN passes through both tests
+    x = x < -clamp ? -clamp : x;
+    const V x2 = x * x;
+    V p = splat(-2.76076847742355e-16f);
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 - 8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    p = p * x;
+    V q = splat(1.19825839466702e-06f);
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    const V r = p / q;
+    const V mag = a < 0.0f ? -a : a;
+    return mag < 4e-4f ? a : r;
+  } else {
+    V y;
+    for (int64_t l = 0; l < kLanes<T>; ++l) y[l] = std::tanh(a[l]);
+    return y;
   }
-  for (int64_t q = 1; q <= g.m; ++q) {
-    T* __restrict v = y + q * g.TB;
-    for (int64_t j = 0; j < g.TB; ++j) v[j] *= slope[j];
+}
+
+// y = act(pre), dy = act'(pre) on whole vectors; softplus and elu (exp/log1p) lane by lane.
+template <typename T>
+inline void activate_vec(FieldAct act, Vec<T> pre, Vec<T>& y, Vec<T>& dy) {
+  using V = Vec<T>;
+  const V one = splat(T(1)), zero = V{};
+  switch (act) {
+    case FieldAct::Identity: y = pre; dy = one; return;
+    case FieldAct::Tanh: y = tanh_vec<T>(pre); dy = one - y * y; return;
+    case FieldAct::Relu: y = pre < T(0) ? zero : pre; dy = pre > T(0) ? one : zero; return;  // keeps NaN
+    case FieldAct::Sigmoid: y = T(0.5) * tanh_vec<T>(T(0.5) * pre) + T(0.5); dy = y * (one - y); return;
+    case FieldAct::Swish: {
+      const V sg = T(0.5) * tanh_vec<T>(T(0.5) * pre) + T(0.5);
+      y = pre * sg;
+      dy = sg + y * (one - sg);
+      return;
+    }
+    case FieldAct::Softplus:
+      for (int64_t l = 0; l < kLanes<T>; ++l) {
+        T yl, dl;
+        activate_with_derivative<T, FieldAct::Softplus>(pre[l], yl, dl);
+        y[l] = yl;
+        dy[l] = dl;
+      }
+      return;
+    case FieldAct::Elu:
+      for (int64_t l = 0; l < kLanes<T>; ++l) {
+        T yl, dl;
+        activate_with_derivative<T, FieldAct::Elu>(pre[l], yl, dl);
+        y[l] = yl;
+        dy[l] = dl;
+      }
+      return;
+  }
+}
+
+// acc[q][v] = sum_e w[e] x[col[e] * ldx + q * gs + v * L] over the cnt entries of a row: G groups
+// (the state block, tangent blocks) of NV vectors each, all in registers, so each weight is
+// broadcast once per G * NV multiply-adds.
+template <typename T, int G, int NV>
+inline void accumulate(const T* __restrict w, const int64_t* __restrict col, int64_t cnt, const T* __restrict x,
+                       int64_t ldx, int64_t gs, Vec<T> (&acc)[G][NV]) {
+  constexpr int64_t L = kLanes<T>;
+#pragma GCC unroll 4
+  for (int q = 0; q < G; ++q)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[q][v] = Vec<T>{};
+  for (int64_t e = 0; e < cnt; ++e) {
+    const T* xr = x + col[e] * ldx;
+    const Vec<T> wv = splat(w[e]);
+#pragma GCC unroll 4
+    for (int q = 0; q < G; ++q)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[q][v] += wv * load(xr + q * gs + v * L);
+  }
+}
+
+// Groups [g0, g0 + G) of hidden row n over the whole tile (TB = NV lanes-vectors): the products,
+// recorded for the backward, then in registers states <- act(s u + c) and tangents <- act'(pre) s V.
+// `slope` (TB values) carries act'(pre) s from the pass holding the state to later passes.
+template <typename T, int G, int NV>
+void hidden_pass(const FieldLayer<T>& layer, const FieldCall<T>& g, int64_t n, const T* x, T* y, int64_t g0,
+                 int64_t b0, int64_t nb, T* __restrict slope) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t p0 = layer.crow ? layer.crow[n] : n * layer.K;
+  const int64_t cnt = layer.crow ? layer.crow[n + 1] - p0 : layer.K;
+  V acc[G][NV];
+  accumulate<T, G, NV>(layer.w + p0, layer.crow ? layer.col + p0 : g.iota, cnt, x + g0 * g.TB, g.PW, g.TB, acc);
+  if (layer.saved) {
+    for (int q = 0; q < G; ++q) {
+      T* dst = layer.saved + (n * layer.groups + g0 + q) * g.B + b0;
+      if (nb == NV * L) {
+        for (int v = 0; v < NV; ++v) store(dst + v * L, acc[q][v]);
+      } else {
+        T tmp[NV * L];
+        for (int v = 0; v < NV; ++v) store(tmp + v * L, acc[q][v]);
+        std::copy_n(tmp, nb, dst);
+      }
+    }
+  }
+  const T s = layer.scale ? layer.scale[n] : T(1), c = layer.shift ? layer.shift[n] : T(0);
+  T* out = y + n * g.PW + g0 * g.TB;
+  int q0 = 0;
+  V sl[NV];
+  if (g0 == 0) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      V h, dh;
+      activate_vec<T>(g.act, s * acc[0][v] + c, h, dh);
+      store(out + v * L, h);
+      sl[v] = dh * s;
+    }
+    if (G < 1 + g.m)
+      for (int v = 0; v < NV; ++v) store(slope + v * L, sl[v]);
+    q0 = 1;
+  } else {
+    for (int v = 0; v < NV; ++v) sl[v] = load(slope + v * L);
+  }
+#pragma GCC unroll 4
+  for (int q = q0; q < G; ++q)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store(out + q * g.TB + v * L, acc[q][v] * sl[v]);
+}
+
+// Groups a hidden pass holds at once with NV vectors each.
+template <int NV>
+constexpr int kPassGroups = std::max(1, std::min(4, kAccumulators / NV));
+
+// Every row of a hidden layer for one tile: each row in ceil((1 + m) / kPassGroups) passes.
+template <typename T, int NV>
+void hidden_layer(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, T* y, int64_t b0, int64_t nb,
+                  T* slope) {
+  constexpr int GP = kPassGroups<NV>;
+  const int64_t groups = 1 + g.m;
+  for (int64_t n = 0; n < layer.N; ++n) {
+    for (int64_t g0 = 0; g0 < groups; g0 += GP) {
+      const int64_t left = std::min<int64_t>(GP, groups - g0);
+      if (left >= 4 && GP >= 4) {
+        hidden_pass<T, std::min(4, GP), NV>(layer, g, n, x, y, g0, b0, nb, slope);
+      } else if (left == 3 && GP >= 3) {
+        hidden_pass<T, std::min(3, GP), NV>(layer, g, n, x, y, g0, b0, nb, slope);
+      } else if (left == 2 && GP >= 2) {
+        hidden_pass<T, std::min(2, GP), NV>(layer, g, n, x, y, g0, b0, nb, slope);
+      } else {
+        hidden_pass<T, 1, NV>(layer, g, n, x, y, g0, b0, nb, slope);
+      }
+    }
   }
 }
 
@@ -204,20 +369,16 @@ void poison_nonfinite(const FieldCall<T>& g, int64_t b0, int64_t nb) {
   }
 }
 
-template <typename T, FieldAct ACT>
-void tiles_act(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
+// Tiles [begin, end) of a call: NV vectors of batch columns per tile (TB = NV lanes).
+template <typename T, int NV>
+void tiles_nv(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t b0 = tile * g.TB, nb = std::min(g.TB, g.B - b0);
     T* x = s.a;
     T* y = s.b;
     pack_input(g, b0, nb, x);
     for (int64_t l = 0; l + 1 < g.n_layers; ++l) {
-      const FieldLayer<T>& layer = g.layers[l];
-      for (int64_t n = 0; n < layer.N; ++n) {
-        T* out = y + n * g.PW;
-        layer_row(layer, n, x, g.PW, 0, g.PW, out);
-        hidden_epilogue<T, ACT>(layer, g, n, b0, nb, out, s.row);
-      }
+      hidden_layer<T, NV>(g.layers[l], g, x, y, b0, nb, s.row);
       std::swap(x, y);
     }
     last_layer(g.layers[g.n_layers - 1], g, x, b0, nb, s.row);
@@ -227,15 +388,11 @@ void tiles_act(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScr
 
 template <typename T>
 void tiles(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
-  using A = FieldAct;
-  switch (g.act) {
-    case A::Identity: return tiles_act<T, A::Identity>(g, begin, end, s);
-    case A::Tanh: return tiles_act<T, A::Tanh>(g, begin, end, s);
-    case A::Relu: return tiles_act<T, A::Relu>(g, begin, end, s);
-    case A::Softplus: return tiles_act<T, A::Softplus>(g, begin, end, s);
-    case A::Sigmoid: return tiles_act<T, A::Sigmoid>(g, begin, end, s);
-    case A::Elu: return tiles_act<T, A::Elu>(g, begin, end, s);
-    case A::Swish: return tiles_act<T, A::Swish>(g, begin, end, s);
+  switch (g.TB / kLanes<T>) {
+    case 1: return tiles_nv<T, 1>(g, begin, end, s);
+    case 2: return tiles_nv<T, 2>(g, begin, end, s);
+    case 4: return tiles_nv<T, 4>(g, begin, end, s);
+    default: return tiles_nv<T, 8>(g, begin, end, s);
   }
 }
 

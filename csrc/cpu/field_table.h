@@ -23,8 +23,10 @@ struct FieldLayer {
   int64_t groups = 0;
 };
 
-// One call: batch B, state size d, m tangents, tile width TB, panel width PW = (1 + m) TB; trace 0
-// none, 1 exact, 2 Hutchinson. z, probe and f are (B, d) batch-major, trace_out (B,) zeroed.
+// One call: batch B, state size d, m tangents, tile width TB (1, 2, 4 or 8 SIMD vectors), panel
+// width PW = (1 + m) TB; trace 0 none, 1 exact, 2 Hutchinson. z, probe and f are (B, d)
+// batch-major, trace_out (B,) zeroed. iota holds 0, 1, ..., K - 1 for the widest dense layer (its
+// rows are read as CSR rows that store every column).
 template <typename T>
 struct FieldCall {
   const FieldLayer<T>* layers;
@@ -36,9 +38,10 @@ struct FieldCall {
   const T* probe;
   T* f;
   T* trace_out;
+  const int64_t* iota;
 };
 
-// Per-thread buffers of a tile: two panels of (width, PW) and a row of 2 TB.
+// Per-thread buffers of a tile: two panels of (width, PW) and a row of 2 PW.
 template <typename T>
 struct FieldScratch {
   T* a;
