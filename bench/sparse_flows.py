@@ -1,15 +1,18 @@
 """Sparse Flows reproduction study (Liebenwein et al. 2021): pruned CNFs on toy densities.
 
-    python bench/sparse_flows.py                      # the full plan, priority order (~2 h on one loaded core)
-    python bench/sparse_flows.py --datasets gaussians --archs demo --rules lamp,global --seeds 0
-    python bench/sparse_flows.py --tiny --out /tmp/sf  # smoke test (seconds)
+    OMP_NUM_THREADS=1 python bench/sparse_flows.py     # the full plan, priority order (~2 h on one loaded core)
+    python bench/sparse_flows.py --datasets gaussians --archs demo --rules lamp,global --seeds 0,1,2
+    python bench/sparse_flows.py --max-cells 0          # only rebuild the tables and plot from the CSVs
+    python bench/sparse_flows.py --tiny --out /tmp/sf   # smoke test (seconds)
 
-For every cell (dataset, architecture, pruning rule, seed, retraining steps per round) a dense CNF
-is trained (cached per dataset/arch/seed), pruned by ``so.prune.iterative`` along the paper's 29
-keep ratios (``so.prune.default_schedule``: geometric 0.8 -> 0.2 in 20 rounds, linear 0.18 -> 0.02
-in 9), retrained every round from the current weights with a fresh AdamW (the learning-rate
-schedule restarts each round), and at selected rounds evaluated: test NLL (dopri5, rtol = atol =
-1e-5, exact trace) and, for mixture datasets, the strict mode metric (``so.data.mode_coverage``).
+A cell is (dataset, architecture, pruning rule, seed, schedule, retraining steps per round, LR). Its
+dense CNF is trained once (cached per dataset/arch/seed), pruned by ``so.prune.iterative`` along
+the schedule (``five``: the demo's keep ratios 0.5, 0.25, 0.1, 0.05, 0.02; ``sparse_flows``: the
+paper's 29, geometric 0.8 -> 0.2 in 20 rounds then linear 0.18 -> 0.02 in 9), retrained every round
+from the current weights with a fresh AdamW (the learning-rate schedule restarts each round), and
+evaluated at the schedule's rounds: test NLL (dopri5, rtol = atol = 1e-5, exact trace) and, for
+mixture datasets (gaussians; spirals and moons have no known mixture), the strict mode metric
+(``so.data.mode_coverage``); cells with ``hessian`` also take the NLL Hessian spectrum.
 
 Architectures: ``demo`` is the field of ``sparseode demo`` (2 -> 64x3 tanh, autonomous, exact trace
 in training) with its training recipe; ``paper`` is the paper's toy field (4 x 64 sigmoid, time
@@ -26,7 +29,6 @@ rewritten after every cell, so a stopped run loses at most the cell in progress.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import math
 import sys
@@ -41,10 +43,11 @@ import sparseode as so
 import sparseode.data as D
 from sparseode import demo
 from sparseode.models import CNF, MLPVectorField
-from sparseode.train import evaluate, fit
+from sparseode.train import fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sparse_flows_report as report  # noqa: E402
+from prune_flows import test_nll  # noqa: E402  (dopri5 at 1e-5, the model's solver settings restored)
 
 RULES: dict[str, dict[str, str]] = {
     "lamp": {"method": "lamp", "scope": "global"},
@@ -77,17 +80,6 @@ def make_cnf(arch: str, seed: int) -> CNF:
 def make_data(dataset: str, n_train: int, n_test: int, seed: int) -> dict[str, torch.Tensor]:
     return {"train": D.toy(dataset, n=n_train, seed=seed), "val": D.toy(dataset, n=2048, seed=seed + 1),
             "test": D.toy(dataset, n=n_test, seed=seed + 2)}
-
-
-def test_nll(model: CNF, x: torch.Tensor) -> float:
-    """NLL (nats) at dopri5, rtol = atol = 1e-5, exact trace; the model's settings are restored."""
-    saved = (model.method, model.rtol, model.atol, model.options)
-    model.method, model.rtol, model.atol, model.options = "dopri5", 1e-5, 1e-5, None
-    try:
-        with torch.no_grad():
-            return evaluate(model, x, batch_size=len(x))["nll"]
-    finally:
-        model.method, model.rtol, model.atol, model.options = saved
 
 
 def modes(model: CNF, dataset: str, n: int) -> dict[str, Any]:
@@ -181,7 +173,7 @@ def run_cell(args: argparse.Namespace, cell: dict[str, Any]) -> tuple[list[dict]
     return rows, hess
 
 
-def plan(args: argparse.Namespace, done: list[dict]) -> Iterator[dict[str, Any]]:
+def plan(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The cells in priority order (``--plan full``) or the product of the list arguments."""
     def cell(dataset, arch, rule, seed, steps=args.steps, hessian=False, schedule=args.schedule, lr=args.retrain_lr):
         return {"dataset": dataset, "arch": arch, "rule": rule, "seed": seed, "steps": steps, "hessian": hessian,
@@ -207,11 +199,11 @@ def plan(args: argparse.Namespace, done: list[dict]) -> Iterator[dict[str, Any]]
         yield cell("gaussians", "demo", "lamp", s)
     for d in ("spirals", "moons"):  # no known mixture: NLL only
         yield cell(d, "demo", "lamp", 0)
+    for r in rest:
+        yield cell("gaussians", "demo", r, 0)
     yield cell("gaussians", "demo", "lamp", 0, 4 * args.steps)
     for s in (1, 2):
         yield cell("gaussians", "demo", "global", s)
-    for r in rest:
-        yield cell("gaussians", "demo", r, 0)
     yield cell("gaussians", "paper", "global", 0)
     for s in (1, 2):
         for r in rest:
@@ -297,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     done, hess = report.read_csv(csv_path), report.read_csv(hess_path)
     new = 0
     bar = tqdm(desc="cells", disable=args.no_progress)
-    for cell in plan(args, done):
+    for cell in plan(args):
         if report.has_cell(done, cell):
             continue
         if args.max_cells is not None and new >= args.max_cells:
