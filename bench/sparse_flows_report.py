@@ -205,12 +205,27 @@ def write(out: Path, rows: list[dict], hess: list[dict], args: argparse.Namespac
     _plot(out / "sparse_flows.png", rows, main)
 
 
+def _budget_points(rows: list[dict], main: tuple) -> list[tuple[int, float, float]]:
+    """(steps per round, gap at 90%, gap at 98%) of the main schedule's LAMP cells on gaussians at the
+    demo architecture, seed 0, at every budget run."""
+    out = []
+    for steps in sorted({r["steps"] for r in rows}):
+        cell = [r for r in rows if (r["dataset"], r["arch"], r["rule"], r["seed"], r["schedule"], r["steps"],
+                                    r["lr"]) == ("gaussians", "demo", "lamp", 0, main[0], steps, main[2])]
+        g90 = [r["gap"] for r in cell if abs(r["keep"] - 0.1) < 5e-4]
+        g98 = [r["gap"] for r in cell if abs(r["keep"] - 0.02) < 5e-4]
+        if g90 and g98:
+            out.append((steps, g90[0], g98[0]))
+    return out
+
+
 def _plot(path: Path, rows: list[dict], main: tuple) -> None:
     from matplotlib.figure import Figure
 
     groups = sorted(_group(rows, main).items())
-    fig = Figure(figsize=(4 * len(groups), 3.4))
-    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    budget = _budget_points(rows, main)
+    fig = Figure(figsize=(4 * (len(groups) + (len(budget) > 1)), 3.4))
+    axes = fig.subplots(1, len(groups) + (len(budget) > 1), squeeze=False)[0]
     for ax, ((ds, arch), grp) in zip(axes, groups):
         for rule in ("lamp", "global", "layer", "snip"):
             at = [r for r in grp if r["rule"] == rule]
@@ -225,6 +240,18 @@ def _plot(path: Path, rows: list[dict], main: tuple) -> None:
         ax.set_xlabel("sparsity (%)")
         ax.set_ylabel("test NLL - dense (nats)")
         ax.set_yscale("symlog", linthresh=0.05)
+        ax.legend(fontsize=7)
+    if len(budget) > 1:
+        ax = axes[-1]
+        steps = [b[0] for b in budget]
+        ax.plot(steps, [b[1] for b in budget], "o-", label="90%")
+        ax.plot(steps, [b[2] for b in budget], "s-", label="98%")
+        for target in (0.03, 0.10):
+            ax.axhline(target, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_title("gaussians, demo arch, LAMP: budget", fontsize=9)
+        ax.set_xlabel("retraining steps per round")
+        ax.set_ylabel("test NLL - dense (nats)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
