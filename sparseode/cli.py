@@ -120,7 +120,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="continue a stopped run from its last round saved in OUT/rounds")
     p.add_argument("--sparse", choices=["auto", "on", "off"], default="auto",
                    help="retrain each round on the sparsified model: auto = where the fused field op makes it "
-                        "faster (fields on the CPU with the C++ extension, layers at density <= 0.5); on = always; "
+                        "faster (fields on the CPU with the C++ extension, layers at density <= 0.9); on = always; "
                         "off = masked dense retraining")
     p.add_argument("--schedule", default=None, choices=sorted(PRESETS),
                    help="a preset cascade of the Sparse Flows paper instead of --rounds (its rounds; --target "

@@ -290,7 +290,7 @@ def iterative(
             rewinding, ``evaluate``, checkpoints) reads; masks never change. ``True``: every pruned
             layer is CSR; ``"auto"`` (default): only where the fused field op runs the model (an
             ``MLPVectorField`` on the CPU, the C++ extension loaded) and only layers at density <=
-            0.5 (a round with none trains masked); ``False``: masked dense rounds. ``fit`` must
+            0.9 (a round with none trains masked); ``False``: masked dense rounds. ``fit`` must
             build its optimiser from the model it is given (no optimiser state crosses rounds);
             a ``fit`` wrapper that reads weights by name sees the sparse model (use ``rewind=``,
             not :func:`rewinding`). The history says per round (``RoundRecord.sparse``).
