@@ -1,8 +1,9 @@
 // The schema of every sparseode op, declared once: one op per primitive and format,
 // `<format>_<primitive>`. Backends register their kernels beside their sources (csrc/cpu/register_cpu.cpp,
-// csrc/cuda), so an unbuilt backend is simply absent; sparseode/ops/library.py registers the fake
-// kernels, the autograd formulas and the pure-PyTorch reference as the fallback, and declares these
-// same schemas from Python when this extension is not built (a test checks that they agree).
+// csrc/cuda), so an unbuilt backend is simply absent; csrc/autograd_ops.cpp registers their autograd;
+// sparseode/ops/library.py registers the fake kernels and the pure-PyTorch reference as the fallback,
+// and declares these same schemas (with the autograd formulas in Python) when this extension is not
+// built (a test checks that they agree).
 //
 // A weight W (N, K) is `values` plus its pattern tensors, in the order of the pattern types in
 // sparseode/ops/patterns.py:

@@ -33,8 +33,13 @@ class SparseLinear(nn.Module):
         super().__init__()
         if activation not in library.ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(library.ACTIVATIONS)}; got {activation!r}")
-        if backend != "auto":
-            dispatch.status(backend)  # a clear error for an unknown name
+        if backend != "auto" and dispatch.status(backend).available:  # status: a clear error for an unknown name
+            # look up now what a call looks up (lazy imports, the Triton twins), so that the
+            # first call may be inside torch.compile
+            be = dispatch.get(backend)
+            for device_type in be.device_types:
+                select.active(device_type)
+            be.family()
         self.sparse = weight
         self.out_features, self.in_features = weight.shape
         if bias is None:

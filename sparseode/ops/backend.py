@@ -2,7 +2,6 @@
 takes, and the kernels it registers for the ops when it is switched in (sparseode.ops.select)."""
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -70,12 +69,18 @@ class TorchBackend(Backend):
         return {name: fn for h in FORMAT_HANDLERS.values() for name, fn in reference.reference_kernels(h).items()}
 
     def family(self) -> dict[str, Callable]:
-        return _reference_family()  # plain differentiable PyTorch: autograd records the reference itself
+        # plain differentiable PyTorch: autograd records the reference itself. A plain dict filled
+        # once, not functools.cache: torch.compile traces through this lookup.
+        if not _REFERENCE_FAMILY:
+            from sparseode.ops import reference
+            from sparseode.ops.handlers import FORMAT_HANDLERS
+
+            for h in FORMAT_HANDLERS.values():
+                _REFERENCE_FAMILY.update(reference.reference_kernels(h))
+        return _REFERENCE_FAMILY
 
 
-@functools.cache
-def _reference_family() -> dict[str, Callable]:
-    return TORCH.kernels()
+_REFERENCE_FAMILY: dict[str, Callable] = {}
 
 
 TORCH = TorchBackend()

@@ -96,3 +96,27 @@ def test_compiled_sparse_cnf_log_prob_matches_eager():
     compiled = torch.compile(cnf.log_prob, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), cnf.log_prob(x), atol=1e-5, rtol=1e-5)
+
+
+_FIRST_CALL_COMPILED = r"""
+import torch
+from sparseode.nn import SparseLinear
+torch.manual_seed(0)
+lin, mask, x = torch.nn.Linear(8, 6), torch.rand(6, 8) < 0.5, torch.randn(3, 8)
+for backend in ("auto", "torch", "cpu"):
+    layer = SparseLinear.from_dense(lin, mask, backend=backend, activation="tanh")
+    step = torch.compile(lambda z: layer(z).sum(), backend="aot_eager", fullgraph=True)
+    got = step(x)  # the first call of the process's first layer of this backend, compiled
+    torch.testing.assert_close(got, layer(x).sum())
+print("ok")
+"""
+
+
+def test_a_layers_first_call_may_be_compiled():
+    """Nothing a call looks up is left for its first call (lazy imports inside a compiled region
+    are graph breaks, errors under fullgraph): a fresh process compiles a layer's first call."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
