@@ -80,10 +80,14 @@ def _check_args(method: str, granularity: str, stop: Any, rewind: Any) -> None:
         raise ValueError(f"rewind must be None, 'init' or an int >= 0, got {rewind!r}")
 
 
-def _sparse_mode(sparse: bool | str, model: nn.Module) -> bool | str:
+def _sparse_mode(sparse: bool | str, model: nn.Module, fits: Sequence[Any]) -> bool | str:
     """False (masked rounds), True or "auto" (sparse rounds as :class:`SparseRetrain` decides);
-    "auto" is False where the fused field op does not run the model."""
-    return sparse if sparse != "auto" or auto_sparse(model)[0] else False
+    "auto" is False where the fused field op does not run the model, or where a fit is a wrapper
+    (``functools.wraps``, e.g. :func:`rewinding`) that may read the model's weights by name."""
+    if sparse != "auto":
+        return sparse
+    wrapped = any(getattr(f, "__wrapped__", None) is not None for f in fits)
+    return "auto" if auto_sparse(model)[0] and not wrapped else False
 
 
 def _pass_through(**kwargs: Any) -> dict[str, Any]:
@@ -292,8 +296,9 @@ def iterative(
             ``MLPVectorField`` on the CPU, the C++ extension loaded) and only layers at density <=
             0.9 (a round with none trains masked); ``False``: masked dense rounds. ``fit`` must
             build its optimiser from the model it is given (no optimiser state crosses rounds);
-            a ``fit`` wrapper that reads weights by name sees the sparse model (use ``rewind=``,
-            not :func:`rewinding`). The history says per round (``RoundRecord.sparse``).
+            a ``fit`` wrapper that reads weights by name sees the sparse model, so ``"auto"``
+            trains masked when a fit is a ``functools.wraps`` wrapper such as :func:`rewinding`
+            (``rewind=`` works in every mode). The history says per round (``RoundRecord.sparse``).
         warm_restarts: ``True`` (default, as in the Sparse Flows paper): every round's ``fit``
             starts its learning-rate schedule afresh, at the initial LR (``fit`` builds its
             optimiser and schedule per call; a warning says when a round's first LR differs from
@@ -321,7 +326,7 @@ def iterative(
         checkpoint (``history.checkpoints``, CPU copies; load with :func:`load_pruned`).
     """
     _check_args(method, granularity, stop, rewind)
-    sparse = _sparse_mode(check_sparse(sparse), model)
+    sparse = _sparse_mode(check_sparse(sparse), model, [fit, final_fit])
     target = _resolve_target(target, schedule)
     plan = Plan(target, schedule, rounds, pq_params, filter_fn)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None

@@ -249,3 +249,16 @@ def test_sparse_round_optimiser_holds_only_the_kept_weights_and_starts_fresh():
     assert {n for _, n, _ in seen} == {kept + biases}
     first, second = seen[0], seen[len(seen) // 2]
     assert first[0] is not second[0] and first[2] == second[2] == {1}  # a new optimiser, its step count from 1
+
+
+@needs_op
+def test_auto_trains_masked_under_a_rewinding_wrapper():
+    """so.prune.rewinding(fit, model) rewinds the model it is handed by name: "auto" must not hand it
+    the sparse copy (it falls back to masked rounds); iterative(rewind=) stays sparse."""
+    model = cnf()
+    hist = so.prune.iterative(model, so.prune.rewinding(retrain(epochs=1), model, "init"), schedule=[0.5, 0.2],
+                              progress=False)
+    assert [r.sparse for r in hist.rounds] == [False, False]
+    h2 = so.prune.iterative(cnf(), retrain(epochs=1), schedule=[0.5, 0.2], rewind="init", progress=False)
+    assert [r.sparse for r in h2.rounds] == [True, True]
+    assert_same_rounds(hist, h2)
