@@ -5,9 +5,9 @@
 //
 // A batch tile is kept feature-major in two ping-pong panels of (width, PW) values: TB state
 // columns followed by the TB columns of each of the m tangents, so the tile's activations stay in
-// L1/L2 from the first layer to the last. Each output row is accumulated in registers by the row
-// micro-kernel, then bias, time scale/shift, activation and the activation's derivative on the
-// tangent columns are applied while the row is in L1. The last layer computes only the rows of the
+// L1/L2 from the first layer to the last. A hidden row's state and tangent columns accumulate in
+// registers (hidden_pass), where bias, time scale/shift, activation and the activation's derivative
+// on the tangent columns are applied before one store. The last layer computes only the rows of the
 // tangent products that the trace reads (row i of tangent i for the exact trace).
 
 namespace sparseode::cpu::FIELD_VARIANT {
