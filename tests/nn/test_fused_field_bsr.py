@@ -65,10 +65,6 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def _trace_fn(trace):
-    return exact_trace if trace == "exact" else hutchinson_trace
-
-
 @pytest.mark.parametrize("time", (None, "concat", "concatsquash"))
 @pytest.mark.parametrize("trace", ("exact", "hutchinson"))
 @pytest.mark.parametrize("activation", ("tanh", "softplus"))
