@@ -112,8 +112,10 @@ def run_demo(dataset: str = "gaussians", out: str | Path = "runs/demo", *, hidde
     print(f"[2/4] pruning iteratively to {1 - SCHEDULE[-1]:.0%} ({RULE['method']}, {RULE['scope']}; "
           f"{len(SCHEDULE)} rounds of {retrain_epochs} epochs at lr {RETRAIN_LR:g})", flush=True)
     retrain = functools.partial(train_fit, lr=RETRAIN_LR)
+    n_score = max(1, min(4, n_train // batch_size))  # training batches the data-driven rules (SNIP) score on
+    scoring = [(train[i * batch_size:(i + 1) * batch_size],) for i in range(n_score)]
     history = prune.iterative(model, fit=functools.partial(retrain, epochs=retrain_epochs),
-                              target=1 - SCHEDULE[-1], schedule=SCHEDULE, **RULE,
+                              target=1 - SCHEDULE[-1], schedule=SCHEDULE, **RULE, data=scoring, n_batches=n_score,
                               final_fit=functools.partial(retrain, epochs=2 * retrain_epochs), progress=progress)
 
     print("[3/4] evaluating dense, 90% and 98% (test NLL at rtol=atol=1e-5, samples, solve times)", flush=True)
