@@ -97,17 +97,21 @@ class SparseLinear(nn.Module):
         return self.fused_linear(x, self._parameters["bias"], self.activation)
 
     def _op(self, primitive: str, x: Tensor) -> Callable | None:
-        """What this layer calls for ``primitive`` on ``x``'s device: the op itself when the layer
-        follows the device's selected backend (or is pinned to it), else the pinned backend's own
-        op family (Triton twins, the reference), or None for compiled kernels that another
+        """What this layer calls for ``primitive`` on ``x``'s device: its backend's own ops where
+        it has them (the Triton twins, the reference functions: a compiled graph then holds the
+        Triton kernels, not an opaque op), else the op itself when the layer's backend is the
+        device's selected one ("auto", or pinned to it), else None: compiled kernels that another
         backend is switched in front of (the call then switches the device's setting)."""
         fmt = self._modules["sparse"].format
-        if self.backend == "auto" or self.backend == select.active(x.device.type):
-            return library.op(fmt, primitive)
-        backend = dispatch.get(self.backend)
-        backend.check(x)
+        active = select.active(x.device.type)
+        name = active if self.backend == "auto" else self.backend
+        backend = dispatch.get(name)
+        if name != active:
+            backend.check(x)
         family = backend.family()
-        return family[f"{fmt}_{primitive}"] if family is not None else None
+        if family is not None:
+            return family[f"{fmt}_{primitive}"]
+        return library.op(fmt, primitive) if name == active else None
 
     def fused_linear(self, z: Tensor, bias: Tensor | None, activation: str) -> Tensor:
         """act(z W^T + bias) in one kernel call, with a bias other than the layer's own (the vector

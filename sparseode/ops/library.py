@@ -157,6 +157,7 @@ def _define() -> tuple[torch.library.Library, dict[str, torch._ops.OpOverload]]:
 
 
 _LIB, OPS = _define()
+select.default("cpu")  # resolved now, not inside a layer's first call (which may be compiled)
 if torch.cuda.is_available() and select.default("cuda") == "torch":
     from sparseode.ops import dispatch
 

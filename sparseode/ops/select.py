@@ -62,6 +62,7 @@ def set_backend(name: str, device_type: str | None = None) -> None:
     if device_type not in be.device_types:
         raise ValueError(f"backend {name!r} does not run on {device_type} tensors "
                          f"(it runs on {', '.join(be.device_types)})")
+    be.family()  # built now (a layer calls a backend's own ops), not inside a compiled call
     if active(device_type) == name:
         return
     lib = _OVERRIDE.pop(device_type, None)

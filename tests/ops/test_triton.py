@@ -246,3 +246,19 @@ def test_a_pinned_training_step_compiles_through_the_triton_twins(fmt: str) -> N
     torch.testing.assert_close(got, (xe.grad, layer.sparse.values.grad), atol=ATOL, rtol=RTOL)
     assert len(graphs) == 2 and f"sparseode.triton_{fmt}_spmm" in graphs[0]
     assert f"sparseode.triton_{fmt}_spmm_t" in graphs[1] and f"sparseode.triton_{fmt}_sddmm" in graphs[1]
+
+
+def test_with_triton_selected_a_layer_calls_the_twins() -> None:
+    """backend="auto" with Triton selected for the device calls the twins too (a compiled graph
+    then holds them, and on a GPU their kernels), and gives the reference's answer."""
+    layer, x = _layer("csr", FORMAT_SHAPES["csr"], activation="tanh")
+    auto = SparseLinear(layer.sparse, layer.bias.detach(), backend="auto", activation="tanh")
+    x = x.reshape(-1, auto.in_features).requires_grad_()
+    with use_backend("triton", "cpu"):
+        y = auto(x)
+        assert "triton_csr_spmm" in y.grad_fn.name()
+        graphs: list[str] = []
+        step = torch.compile(lambda z: auto(z).sum(), fullgraph=True, backend=_aot_graphs(graphs))
+        torch.testing.assert_close(step(x), y.sum(), atol=ATOL, rtol=RTOL)
+        assert "sparseode.triton_csr_spmm" in graphs[0]
+    _check_against_reference(auto, x.detach())
