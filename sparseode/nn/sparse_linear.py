@@ -22,7 +22,8 @@ class SparseLinear(nn.Module):
     (``sparseode.ops.set_backend`` / ``set_gpu_backend``; by default the compiled kernels, "cpu"
     on the CPU). Another name pins this layer to that backend at no cost per call: "torch" calls
     the pure-PyTorch reference (sparseode.ops.reference) and "triton" the Triton twins of the ops
-    (``sparseode::triton_*``) directly, whatever the device's setting, forward and backward alike.
+    (``sparseode::triton_*``) directly, whatever the device's setting, forward and backward alike
+    (an "auto" layer calls them too while that backend is selected for the device).
     One case still switches: a layer pinned to the compiled kernels ("cpu", "cuda") while another
     backend is selected for the device switches the setting around its forward (registration
     work, about a millisecond); its backward then runs on the backend selected when it runs.
