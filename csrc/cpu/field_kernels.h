@@ -396,46 +396,12 @@ void tiles(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch
   }
 }
 
-template <typename T>
-void transposed_row(const T* a, const T* values_t, const int64_t* crow_t, const int64_t* col_t, int64_t P,
-                    int64_t k, int64_t j0, int64_t j1, T* out) {
-  row_product(values_t, col_t, crow_t[k], crow_t[k + 1], a, P, j0, j1, out);
-}
-
-template <typename T>
-void sddmm_rows(const T* a, const T* c, const int64_t* crow, const int64_t* col, int64_t P, int64_t r0, int64_t r1,
-                T* out) {
-  using V = Vec<T>;
-  constexpr int64_t L = kLanes<T>;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* ar = a + r * P;
-    for (int64_t p = crow[r]; p < crow[r + 1]; ++p) {
-      const T* cr = c + col[p] * P;
-      V acc[4] = {};
-      int64_t j = 0;
-      for (; j + 4 * L <= P; j += 4 * L)
-#pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) {
-          V av, cv;
-          std::memcpy(&av, ar + j + q * L, sizeof(V));
-          std::memcpy(&cv, cr + j + q * L, sizeof(V));
-          acc[q] += av * cv;
-        }
-      const V sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-      T s = T(0);
-      for (int64_t l = 0; l < L; ++l) s += sum[l];
-      for (; j < P; ++j) s += ar[j] * cr[j];
-      out[p] = s;
-    }
-  }
-}
-
 inline FieldKernels make_field_table(const char* name) {
   return FieldKernels{name,
                       kLanes<float>,
                       kLanes<double>,
-                      {&tiles<float>, &transposed_row<float>, &sddmm_rows<float>},
-                      {&tiles<double>, &transposed_row<double>, &sddmm_rows<double>}};
+                      {&tiles<float>},
+                      {&tiles<double>}};
 }
 
 }  // namespace sparseode::cpu::FIELD_VARIANT

@@ -53,12 +53,6 @@ template <typename T>
 struct FieldKernelsOf {
   // tiles [begin, end) of a call
   void (*tiles)(const FieldCall<T>&, int64_t begin, int64_t end, const FieldScratch<T>&);
-  // out[j - j0] = sum_q values_t[q] a[col_t[q] * P + j], q in [crow_t[k], crow_t[k + 1]), j in [j0, j1)
-  void (*transposed_row)(const T* a, const T* values_t, const int64_t* crow_t, const int64_t* col_t, int64_t P,
-                         int64_t k, int64_t j0, int64_t j1, T* out);
-  // out[p] = sum_j a[r * P + j] c[col[p] * P + j] for the stored entries p of rows [r0, r1)
-  void (*sddmm_rows)(const T* a, const T* c, const int64_t* crow, const int64_t* col, int64_t P, int64_t r0,
-                     int64_t r1, T* out);
 };
 
 struct FieldKernels {
