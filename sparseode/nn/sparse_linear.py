@@ -104,6 +104,8 @@ class SparseLinear(nn.Module):
         device's selected one ("auto", or pinned to it), else None: compiled kernels that another
         backend is switched in front of (the call then switches the device's setting)."""
         fmt = self._modules["sparse"].format
+        if self.backend == "auto" and not select.switched(x.device.type):  # the default: the op itself
+            return library.op(fmt, primitive)
         active = select.active(x.device.type)
         name = active if self.backend == "auto" else self.backend
         backend = dispatch.get(name)

@@ -48,6 +48,11 @@ def active(device_type: str) -> str:
     return _ACTIVE.get(device_type) or default(device_type)
 
 
+def switched(device_type: str) -> bool:
+    """True when :func:`set_backend` put a backend other than the default in front on ``device_type``."""
+    return device_type in _ACTIVE
+
+
 def set_backend(name: str, device_type: str | None = None) -> None:
     """Run every sparseode op on ``device_type`` tensors with backend ``name`` from now on.
 
