@@ -201,6 +201,7 @@ def plan(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         yield cell(d, "demo", "lamp", 0)
     for r in rest:
         yield cell("gaussians", "demo", r, 0)
+    yield cell("gaussians", "demo", "snip", 0, 2 * args.steps)
     yield cell("gaussians", "demo", "lamp", 0, 4 * args.steps)
     for s in (1, 2):
         yield cell("gaussians", "demo", "global", s)
