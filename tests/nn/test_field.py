@@ -124,8 +124,8 @@ def test_stacked_flows_and_neural_ode_and_classifier_match():
     assert stacked_sparse.nfe == stacked_dense.nfe
 
     node_dense, node_sparse = NeuralODE(_field("concat")), NeuralODE(so.sparsify(_field("concat"), format="csr"))
-    with torch.no_grad():
-        assert _rel(node_sparse(x), node_dense(x)) < 1e-5
+    with torch.no_grad():  # states cross 0 on the way (0.008 here): compare each element with atol beside rtol
+        torch.testing.assert_close(node_sparse(x), node_dense(x), rtol=1e-5, atol=1e-6)
     assert node_sparse.nfe == node_dense.nfe
 
     def classifier():
