@@ -20,13 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparseode.nn.fused_field_backward import CSR_FIELDS, tangent_count
+
 from .field_launch import field_sddmm_fm, field_spmm_t_fm
-
-_CSR_FIELDS = 5
-
-
-def _tangent_count(trace: int, d: int) -> int:
-    return d if trace == 1 else (1 if trace == 2 else 0)
 
 
 def _act_derivatives(name: str, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,23 +49,6 @@ def _act_derivatives(name: str, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.where(pos, pre, e), torch.where(pos, torch.ones_like(pre), e + 1), torch.where(
             pos, torch.zeros_like(pre), e + 1)
     raise ValueError(f"no fused activation {name!r}")
-
-
-def _tangent_count(trace: int, d: int) -> int:
-    return d if trace == 1 else (1 if trace == 2 else 0)
-
-
-def _layer_sizes(z: Tensor, weights: list[Tensor], patterns: list[Tensor]) -> list[tuple[int, int]]:
-    sizes, p, k = [], 0, z.shape[1]
-    for w in weights:
-        if w.dim() == 2:
-            n = w.shape[0]
-        else:
-            n = patterns[p].shape[0] - 1
-            p += _CSR_FIELDS
-        sizes.append((n, k))
-        k = n
-    return sizes
 
 
 class _Layer:
@@ -104,8 +83,8 @@ def _layers(weights: list[Tensor], patterns: list[Tensor]) -> list[_Layer]:
         if w.dim() == 2:
             layers.append(_Layer(w, None))
         else:
-            layers.append(_Layer(w, patterns[p:p + _CSR_FIELDS]))
-            p += _CSR_FIELDS
+            layers.append(_Layer(w, patterns[p:p + CSR_FIELDS]))
+            p += CSR_FIELDS
     return layers
 
 
@@ -121,7 +100,7 @@ def _hidden_states(z, probe, scales, shifts, saved, activation, trace):
     panels [h | T] (K, 1 + m, B) of every layer (the first: z and the probe, or None) and, per
     hidden layer, (u, v, act', act'', Tpre)."""
     B, d = z.shape
-    m = _tangent_count(trace, d)
+    m = tangent_count(trace, d)
     first = torch.cat([z.t(), probe.t()], 1).reshape(d, 2, B) if trace == 2 else None
     panels, cache = [first], []
     for i in range(len(saved) - 1):
@@ -197,7 +176,7 @@ def mlp_field_backward(z: Tensor, probe: Tensor | None, weights: list[Tensor], p
                          "(run the forward with save=True)")
     gtr = grad_trace if trace else None
     B, d = z.shape
-    m = _tangent_count(trace, d)
+    m = tangent_count(trace, d)
     layers = _layers(weights, patterns)
     panels, cache = _hidden_states(z, probe, scales, shifts, saved, activation, trace)
     L = len(layers)

@@ -57,60 +57,21 @@ void check_like_z(const at::Tensor& z, const at::Tensor& t, const char* name) {
   CHECK_DEVICE_TYPE(t, at::kCPU);
 }
 
-void check_vector(const at::Tensor& z, const std::optional<at::Tensor>& v, int64_t n, const char* name, size_t l) {
-  if (!v.has_value()) return;
-  CHECK_SAME_DTYPE(z, (*v));
-  TORCH_CHECK(v->dim() == 1 && v->size(0) == n, name, "[", l, "] must have shape (", n, ",), got ", v->sizes());
-}
-
-// Per-layer (N, K), checking that the layers chain from d back to d and that saved holds the
-// forward's products for m tangents.
-std::vector<std::pair<int64_t, int64_t>> check_layers(const Args& a, int64_t d, int64_t m, int64_t trace) {
+// Per-layer (N, K) (check_field_layers) after checking that saved holds the forward's products for
+// m tangents.
+std::vector<std::pair<int64_t, int64_t>> check_layers(const Args& a, int64_t m, int64_t trace) {
   const size_t L = a.weights.size();
-  TORCH_CHECK(L >= 1, "weights must hold at least one layer");
-  TORCH_CHECK(a.scales.size() == L && a.shifts.size() == L && a.saved.size() == L,
-              "scales, shifts and saved must hold one entry per layer (", L, "), got ", a.scales.size(), ", ",
-              a.shifts.size(), " and ", a.saved.size());
-  std::vector<std::pair<int64_t, int64_t>> dims;
-  int64_t k = d;
-  size_t p = 0;
+  TORCH_CHECK(a.saved.size() == L, "saved must hold one entry per layer (", L, "), got ", a.saved.size());
+  const auto dims = check_field_layers(a.z, a.weights, a.patterns, a.scales, a.shifts);
   const int64_t B = a.z.size(0);
   for (size_t l = 0; l < L; ++l) {
-    const at::Tensor& w = a.weights[l];
-    CHECK_SAME_DTYPE(a.z, w);
-    CHECK_DEVICE_TYPE(w, at::kCPU);
-    int64_t n;
-    if (w.dim() == 2) {
-      TORCH_CHECK(w.size(1) == k, "weights[", l, "] has ", w.size(1), " input features, expected ", k);
-      n = w.size(0);
-    } else {
-      TORCH_CHECK(w.dim() == 1, "weights[", l, "] must be a dense (N, K) weight or CSR values (nnz,), got shape ",
-                  w.sizes());
-      TORCH_CHECK(p + kCsrFields <= a.patterns.size(), "patterns must hold 5 tensors per CSR layer; layer ", l,
-                  " has none");
-      for (size_t q = p; q < p + kCsrFields; ++q) CHECK_INDEX(a.patterns[q]);
-      const at::Tensor &crow = a.patterns[p], &col = a.patterns[p + 1], &crow_t = a.patterns[p + 2];
-      const int64_t nnz = w.size(0);
-      TORCH_CHECK(crow.size(0) >= 1 && col.size(0) == nnz && a.patterns[p + 3].size(0) == nnz &&
-                      a.patterns[p + 4].size(0) == nnz,
-                  "layer ", l, ": the pattern does not match ", nnz, " stored values");
-      TORCH_CHECK(crow_t.size(0) - 1 == k, "layer ", l, " has ", crow_t.size(0) - 1, " input features, expected ", k);
-      n = crow.size(0) - 1;
-      p += kCsrFields;
-    }
-    check_vector(a.z, a.scales[l], n, "scales", l);
-    check_vector(a.z, a.shifts[l], n, "shifts", l);
-    const int64_t groups = l + 1 < L ? 1 + m : 1 + (trace > 0);
+    const int64_t n = dims[l].first, groups = l + 1 < L ? 1 + m : 1 + (trace > 0);
     CHECK_SAME_DTYPE(a.z, a.saved[l]);
     TORCH_CHECK(a.saved[l].dim() == 3 && a.saved[l].size(0) == n && a.saved[l].size(1) == groups &&
                     a.saved[l].size(2) == B,
                 "saved[", l, "] must be the forward's products of shape (", n, ", ", groups, ", ", B, "), got ",
                 a.saved[l].sizes());
-    dims.emplace_back(n, k);
-    k = n;
   }
-  TORCH_CHECK(k == d, "the last layer has ", k, " outputs, expected the state size ", d);
-  TORCH_CHECK(p == a.patterns.size(), "patterns holds ", a.patterns.size(), " tensors, the CSR layers use ", p);
   return dims;
 }
 
@@ -227,7 +188,7 @@ mlp_field_backward(const at::Tensor& z_in, const std::optional<at::Tensor>& prob
     gtr = grad_trace->contiguous();
   }
   const Args args{z_in, weights, patterns, scales, shifts, saved};
-  const auto dims = check_layers(args, d, m, trace);
+  const auto dims = check_layers(args, m, trace);
   const at::Tensor z = z_in.contiguous();
   at::Tensor gz = at::zeros({B, d}, z.options());
   at::Tensor gprobe = trace == 2 && with_trace ? at::zeros({B, d}, z.options()) : at::empty({0}, z.options());

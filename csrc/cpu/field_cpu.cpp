@@ -96,18 +96,24 @@ struct Args {
   const c10::List<std::optional<at::Tensor>>& shifts;
 };
 
-// Per-layer (N, K) and pattern offsets, checking that the layers chain from d back to d.
-std::vector<std::pair<int64_t, int64_t>> check_layers(const Args& a, int64_t d) {
-  const size_t L = a.weights.size();
+}  // namespace
+
+std::vector<std::pair<int64_t, int64_t>> check_field_layers(const at::Tensor& z, at::TensorList weights,
+                                                            at::TensorList patterns,
+                                                            const c10::List<std::optional<at::Tensor>>& scales,
+                                                            const c10::List<std::optional<at::Tensor>>& shifts) {
+  constexpr size_t kCsrFields = 5;  // crow, col, crow_t, col_t, perm
+  const size_t L = weights.size();
   TORCH_CHECK(L >= 1, "weights must hold at least one layer");
-  TORCH_CHECK(a.scales.size() == L && a.shifts.size() == L, "scales and shifts must hold one entry per layer (",
-              L, "), got ", a.scales.size(), " and ", a.shifts.size());
+  TORCH_CHECK(scales.size() == L && shifts.size() == L, "scales and shifts must hold one entry per layer (", L,
+              "), got ", scales.size(), " and ", shifts.size());
   std::vector<std::pair<int64_t, int64_t>> dims;
+  const int64_t d = z.size(1);
   int64_t k = d;
   size_t p = 0;
   for (size_t l = 0; l < L; ++l) {
-    const at::Tensor& w = a.weights[l];
-    CHECK_SAME_DTYPE(a.z, w);
+    const at::Tensor& w = weights[l];
+    CHECK_SAME_DTYPE(z, w);
     CHECK_DEVICE_TYPE(w, at::kCPU);
     int64_t n;
     if (w.dim() == 2) {
@@ -116,31 +122,32 @@ std::vector<std::pair<int64_t, int64_t>> check_layers(const Args& a, int64_t d) 
     } else {
       TORCH_CHECK(w.dim() == 1, "weights[", l, "] must be a dense (N, K) weight or CSR values (nnz,), got shape ",
                   w.sizes());
-      TORCH_CHECK(p + 5 <= a.patterns.size(), "patterns must hold 5 tensors per CSR layer; layer ", l, " has none");
-      for (size_t q = p; q < p + 5; ++q) CHECK_INDEX(a.patterns[q]);
-      const at::Tensor &crow = a.patterns[p], &col = a.patterns[p + 1], &crow_t = a.patterns[p + 2];
-      TORCH_CHECK(crow.size(0) >= 1 && col.size(0) == w.size(0), "layer ", l, ": crow/col do not match ", w.size(0),
-                  " stored values");
+      TORCH_CHECK(p + kCsrFields <= patterns.size(), "patterns must hold 5 tensors per CSR layer; layer ", l,
+                  " has none");
+      for (size_t q = p; q < p + kCsrFields; ++q) CHECK_INDEX(patterns[q]);
+      const at::Tensor &crow = patterns[p], &crow_t = patterns[p + 2];
+      const int64_t nnz = w.size(0);
+      TORCH_CHECK(crow.size(0) >= 1 && patterns[p + 1].size(0) == nnz && patterns[p + 3].size(0) == nnz &&
+                      patterns[p + 4].size(0) == nnz,
+                  "layer ", l, ": the pattern does not match ", nnz, " stored values");
       TORCH_CHECK(crow_t.size(0) - 1 == k, "layer ", l, " has ", crow_t.size(0) - 1, " input features, expected ", k);
       n = crow.size(0) - 1;
-      p += 5;
+      p += kCsrFields;
     }
-    for (const auto* list : {&a.scales, &a.shifts}) {
+    for (const auto* list : {&scales, &shifts}) {
       const std::optional<at::Tensor> v = (*list)[l];
       if (!v.has_value()) continue;
-      CHECK_SAME_DTYPE(a.z, (*v));
-      TORCH_CHECK(v->dim() == 1 && v->size(0) == n, "scale/shift of layer ", l, " must have shape (", n, ",), got ",
-                  v->sizes());
+      CHECK_SAME_DTYPE(z, (*v));
+      TORCH_CHECK(v->dim() == 1 && v->size(0) == n, list == &scales ? "scales[" : "shifts[", l,
+                  "] must have shape (", n, ",), got ", v->sizes());
     }
     dims.emplace_back(n, k);
     k = n;
   }
   TORCH_CHECK(k == d, "the last layer has ", k, " outputs, expected the state size ", d);
-  TORCH_CHECK(p == a.patterns.size(), "patterns holds ", a.patterns.size(), " tensors, the CSR layers use ", p);
+  TORCH_CHECK(p == patterns.size(), "patterns holds ", patterns.size(), " tensors, the CSR layers use ", p);
   return dims;
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_field(
     const at::Tensor& z_in, const std::optional<at::Tensor>& probe, at::TensorList weights, at::TensorList patterns,
@@ -161,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_field(
     e = probe->contiguous();
   }
   const Args args{z_in, probe, weights, patterns, scales, shifts};
-  const auto dims = check_layers(args, d);
+  const auto dims = check_field_layers(args.z, args.weights, args.patterns, args.scales, args.shifts);
   const at::Tensor z = z_in.contiguous();
   const int64_t m = trace == 1 ? d : (trace == 2 ? 1 : 0);
   at::Tensor f = at::empty({B, d}, z.options());

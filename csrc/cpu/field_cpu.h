@@ -7,6 +7,7 @@
 
 #include <string_view>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "field_table.h"
@@ -15,6 +16,14 @@ namespace sparseode::cpu {
 
 // The FieldAct of an activation name; a clear error for any other name (shared with the backward).
 FieldAct parse_field_activation(std::string_view name);
+
+// Per-layer (N_l, K_l) of the field's layers (arguments as mlp_field's below), after checking their
+// dtypes, devices, CSR pattern sizes and scale/shift shapes and that the layers chain from z's d back
+// to d; a clear error naming the argument otherwise (shared with the backward).
+std::vector<std::pair<int64_t, int64_t>> check_field_layers(const at::Tensor& z, at::TensorList weights,
+                                                            at::TensorList patterns,
+                                                            const c10::List<std::optional<at::Tensor>>& scales,
+                                                            const c10::List<std::optional<at::Tensor>>& shifts);
 
 // Layer l computes pre_l = scale_l * (W_l h_{l-1}) + shift_l and h_l = act(pre_l) (the last layer
 // stops at pre: f = pre_L). z (B, d); weights[l] is a dense (N_l, K_l) weight or the (nnz,) values

@@ -27,21 +27,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_CSR_FIELDS = 5
+CSR_FIELDS = 5  # crow, col, crow_t, col_t, perm of a CSR layer's pattern
 
 
-def _tangent_count(trace: int, d: int) -> int:
+def tangent_count(trace: int, d: int) -> int:
+    """Tangent columns of a trace mode: d (exact), 1 (Hutchinson) or 0 (none)."""
     return d if trace == 1 else (1 if trace == 2 else 0)
 
 
-def _layer_sizes(z: Tensor, weights: list[Tensor], patterns: list[Tensor]) -> list[tuple[int, int]]:
+def layer_sizes(z: Tensor, weights: list[Tensor], patterns: list[Tensor]) -> list[tuple[int, int]]:
+    """(N_l, K_l) of each layer of the op's arguments; z (B, d)."""
     sizes, p, k = [], 0, z.shape[1]
     for w in weights:
         if w.dim() == 2:
             n = w.shape[0]
         else:
             n = patterns[p].shape[0] - 1
-            p += _CSR_FIELDS
+            p += CSR_FIELDS
         sizes.append((n, k))
         k = n
     return sizes
@@ -49,10 +51,10 @@ def _layer_sizes(z: Tensor, weights: list[Tensor], patterns: list[Tensor]) -> li
 
 def _fake(z, probe, weights, patterns, scales, shifts, activation, trace, save):
     B, d = z.shape
-    m = _tangent_count(trace, d)
+    m = tangent_count(trace, d)
     saved = []
     if save:
-        sizes = _layer_sizes(z, weights, patterns)
+        sizes = layer_sizes(z, weights, patterns)
         for i, (n, _) in enumerate(sizes):
             groups = 1 + m if i + 1 < len(sizes) else 1 + (trace > 0)
             saved.append(z.new_empty((n, groups, B)))
