@@ -232,9 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][2](args)
-    finally:
-        distributed.shutdown()  # the process group train/prune joined under torchrun
+        result = COMMANDS[args.command][2](args)
+    except BaseException:
+        distributed.shutdown(wait=False)  # the process group train/prune joined under torchrun
+        raise
+    distributed.shutdown()
+    return result
 
 
 if __name__ == "__main__":

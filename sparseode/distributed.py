@@ -85,9 +85,17 @@ def init(device: torch.device | str | None = None, timeout_s: float = 300.0) -> 
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op without one)."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group (no-op without one); with ``wait``, once every rank has reached it.
+
+    The barrier matters on a normal exit: a rank that tears gloo down while another still has
+    traffic in flight can abort the other in gloo's threads ("terminate called without an active
+    exception", seen under load). A rank leaving on an error passes ``wait=False``, so that it
+    exits at once and torchrun stops the others instead of this rank waiting for them.
+    """
     if is_distributed():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
