@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import re
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from sparseode.benchmark import FIELDS, flop_ratio, make_fields
+from sparseode.benchmark import FIELDS, environment, flop_ratio, make_fields
 from sparseode.nn.convert import sparsify
 
 TASKS = ("forward", "exact", "train")
@@ -61,19 +60,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if b < 1:
             p.error(f"batches must be >= 1, got {b}")
     return args
-
-
-def environment() -> dict[str, str]:
-    env = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "python": platform.python_version()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "not installed"
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-    return env
 
 
 def device_slug(name: str) -> str:

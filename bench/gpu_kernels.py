@@ -25,7 +25,6 @@ import csv
 import gc
 import itertools
 import json
-import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -33,6 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from sparseode.benchmark import environment
 
 METHODS: tuple[str, ...] = ("dense", "torch_csr", "torch_bsr", "triton", "cuda")
 STRUCTURES: tuple[str, ...] = ("unstructured", "block32")
@@ -109,19 +110,6 @@ def configs(args: argparse.Namespace) -> list[Config]:
     """Every row of the benchmark, in table order."""
     return [Config(h, b, d, s, t) for h, b, s, t, d in
             itertools.product(args.hidden, args.batch, args.structures, args.dtypes, args.densities)]
-
-
-def environment() -> dict[str, str]:
-    env = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "python": platform.python_version()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "not installed"
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-    return env
 
 
 # --- problems and methods ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ to the FLOP ratio of the field's matmuls (dense / kept weights: the ceiling of w
 from __future__ import annotations
 
 import itertools
+import platform
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -45,6 +46,20 @@ FIELDS = {
 }
 VARIANTS = ("A", "masked", "B", "sparse")
 TASKS = ("log_prob", "sample", "train_step")
+
+
+def environment() -> dict[str, str]:
+    """Versions of torch, CUDA, Python and triton, and the GPU's name where there is one (for results files)."""
+    env = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "python": platform.python_version()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "not installed"
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    return env
 
 
 def _prunable(field: nn.Module):
