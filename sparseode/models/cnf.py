@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from .forward_mode import exact_trace_forward, hutchinson_trace_forward, supports_forward_mode
 from .node import check_solver
+from .solve import solve
 
 __all__ = ["CNF", "TRACES", "FORWARD_TRACES", "NOISES", "STOCHASTIC_TRACES", "exact_trace", "hutchinson_trace",
            "standard_normal_logprob"]
@@ -186,11 +186,8 @@ class CNF(nn.Module):
 
     # -- solving -------------------------------------------------------------------------------
     def _odeint(self, func: Callable, state: Any, ts: Tensor, field: nn.Module) -> Any:
-        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
-        if self.adjoint:
-            params = tuple(p for p in field.parameters() if p.requires_grad)
-            return odeint_adjoint(func, state, ts, adjoint_params=params, **kwargs)
-        return odeint(func, state, ts, **kwargs)
+        return solve(func, state, ts, field, method=self.method, rtol=self.rtol, atol=self.atol,
+                     options=self.options, adjoint=self.adjoint)
 
     def _flow_with_trace(self, field: nn.Module, x: Tensor, t0: float, t1: float) -> tuple[Tensor, Tensor]:
         """Integrate ``(x, 0)`` from t0 to t1; return ``(x(t1), ∫_{t0}^{t1} -tr dt)``."""
@@ -283,8 +280,8 @@ class CNF(nn.Module):
             generator: a ``torch.Generator`` for the base draw.
         """
         if z is None:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"n must be a positive int, got {n!r}")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"n must be a non-negative int, got {n!r}")
             if self.dim is None:
                 raise ValueError("the fields have no .dim; pass z=(n, d) to sample")
             dtype, device = self._param_like()

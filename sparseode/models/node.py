@@ -6,13 +6,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint, odeint_adjoint
-
 try:  # the solver table is private to torchdiffeq; without it torchdiffeq reports bad names itself
     from torchdiffeq._impl.odeint import SOLVERS
 except ImportError:  # pragma: no cover
     SOLVERS = None
 
+from .solve import solve
 from .vector_field import MLPVectorField
 
 __all__ = ["NeuralODE", "ODEClassifier", "check_solver"]
@@ -99,12 +98,8 @@ class NeuralODE(nn.Module):
         if ts.dim() != 1 or ts.numel() < 2:
             raise ValueError(f"ts must be a 1-D tensor with at least 2 times, got shape {tuple(ts.shape)}")
         self._count = 0
-        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
-        if self.adjoint:
-            params = tuple(p for p in self.field.parameters() if p.requires_grad)
-            out = odeint_adjoint(self._dynamics, x, ts, adjoint_params=params, **kwargs)
-        else:
-            out = odeint(self._dynamics, x, ts, **kwargs)
+        out = solve(self._dynamics, x, ts, self.field, method=self.method, rtol=self.rtol, atol=self.atol,
+                    options=self.options, adjoint=self.adjoint)
         self.nfe = self._count
         return out
 
