@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from sparseode.ops import extension, reference, select
+from sparseode.ops import extension, reference, select, tangents
 from sparseode.ops.handlers import FORMAT_HANDLERS, PRIMITIVES, FormatHandler
 
 ACTIVATIONS: tuple[str, ...] = tuple(reference.ACTIVATION_FNS)
@@ -73,7 +73,9 @@ def register_autograd(h: FormatHandler, ops: dict[str, torch._ops.OpOverload], p
     sparseode._C registers the same formulas in C++ for the Autograd key of the ops
     (csrc/autograd_ops.cpp: a call then records no Python at all), which are skipped; ``prefix``
     "triton_" registers them on the Triton twins (sparseode/ops/triton.py), whose backward then
-    calls twins too. With ``lib`` the registrations live (and end) with that library."""
+    calls twins too. With ``lib`` the registrations live (and end) with that library, and a
+    forward-mode tangent is refused as in C++ (sparseode/ops/tangents.py). Not on the twins
+    (custom ops, whose Autograd kernel torch installs itself): a layer pinned to Triton drops one."""
     n = len(h.pattern_type._fields)
     spmm, spmm_t, sddmm = ops[h.op_name("spmm")], ops[h.op_name("spmm_t")], ops[h.op_name("sddmm")]
     none = (None,) * n
@@ -121,9 +123,13 @@ def register_autograd(h: FormatHandler, ops: dict[str, torch._ops.OpOverload], p
 
     for prim, backward, setup in (("spmm", spmm_backward, setup_spmm), ("spmm_fm", spmm_backward, setup_spmm),
                                   ("spmm_t", spmm_t_backward, setup_pair), ("sddmm", sddmm_backward, setup_pair)):
-        if h.op_name(prim) not in skip:
-            torch.library.register_autograd(f"sparseode::{prefix}{h.op_name(prim)}", backward, setup_context=setup,
-                                            lib=lib)
+        if h.op_name(prim) in skip:
+            continue
+        qualname = f"sparseode::{prefix}{h.op_name(prim)}"
+        if lib is None:  # the Triton twins: custom ops, whose own autograd kernel takes the formulas
+            torch.library.register_autograd(qualname, backward, setup_context=setup)
+        else:
+            tangents.register_autograd(qualname, backward, setup, lib)
 
 
 def kernel_registered(name: str, dispatch_key: str) -> bool:
@@ -152,7 +158,7 @@ def _define() -> tuple[torch.library.Library, dict[str, torch._ops.OpOverload]]:
             lib.impl(name, fn, "CompositeExplicitAutograd")
         for name, fn in fake_kernels(h).items():
             torch.library.register_fake(f"sparseode::{name}", fn, lib=lib)
-        register_autograd(h, ops, skip=in_cpp)
+        register_autograd(h, ops, skip=in_cpp, lib=lib)
     return lib, ops
 
 
