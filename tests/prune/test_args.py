@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparseode as so
-from prune_helpers import batches, mlp, mse
+from prune_helpers import batches, mlp, mse  # tests/prune/conftest.py puts it on the path
 from sparseode.args import block_shape, check_sparsity, integer, real
 from sparseode.prune.connectivity import connectivity
 from sparseode.prune.pq import check_pq_params
