@@ -1,5 +1,5 @@
 """Test axes in one place: tests parametrize over these and skip, with the reason, what the machine
-lacks. Also builds the random cases the kernel tests share."""
+lacks. Also builds the random cases the kernel tests share: per-layer ops and the fused field op."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -98,3 +98,54 @@ def opcheck_cases(fmt: str, x: Tensor, values: Tensor, pattern: tuple, bias: Ten
         (op(fmt, "spmm_t"), (g, values, *pattern)),
         (op(fmt, "sddmm"), (g, x, *pattern)),
     ]
+
+
+#: How :func:`field_op_args` makes each layer's scale and shift: as MLPVectorField's time modes give
+#: them ("none": neither; "concat": a shift, time folded into the bias; "concatsquash": both), or
+#: "mixed": a shift on every other layer and None on the rest.
+FIELD_TIME_MODES = ("none", "concat", "concatsquash", "mixed")
+
+
+def field_op_args(d: int, widths: tuple[int, ...], densities: tuple[float, ...], batch: int, time: str,
+                  trace: int, dtype: torch.dtype = torch.float32, seed: int = 0, empty_row: bool = False
+                  ) -> tuple[Tensor, Tensor | None, list[Tensor], list[Tensor], list, list]:
+    """Random arguments ``(z, probe, weights, patterns, scales, shifts)`` of the fused field op
+    ``sparseode::mlp_field`` for a field ``d -> *widths -> d``.
+
+    The first and last layers are dense ``(n, k)`` weights; each hidden-to-hidden layer is CSR of
+    ``densities[i]`` (its values, and its 5 pattern tensors appended to ``patterns``), with row 0
+    emptied when ``empty_row``. ``scales``/``shifts`` hold one ``(n,)`` tensor or None per layer as
+    ``time`` (a name in :data:`FIELD_TIME_MODES`) says. ``z (batch, d)``; ``probe (batch, d)`` for
+    ``trace == 2`` (Hutchinson), else None. Floating tensors in ``dtype``, drawn from ``seed``.
+    """
+    from sparseode.ops.formats import SparseWeight
+
+    if time not in FIELD_TIME_MODES:
+        raise ValueError(f"time must be one of {FIELD_TIME_MODES}, got {time!r}")
+    g = torch.Generator().manual_seed(seed)
+    sizes = (d, *widths, d)
+    weights, patterns, scales, shifts = [], [], [], []
+    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = torch.randn(n, k, generator=g, dtype=dtype) / k ** 0.5
+        if 0 < i < len(sizes) - 2:
+            mask = torch.rand(n, k, generator=g) < densities[i - 1]
+            if empty_row:
+                mask[0] = False
+            sw = SparseWeight.from_dense(w, mask, format="csr")
+            weights.append(sw.values.detach().clone())
+            patterns.extend(t.clone() for t in list(sw.pattern)[:5])
+        else:
+            weights.append(w)
+        scaled = time == "concatsquash"
+        shifted = time in ("concat", "concatsquash") or (time == "mixed" and i % 2 == 0)
+        scales.append(torch.rand(n, generator=g, dtype=dtype) + 0.5 if scaled else None)
+        shifts.append(torch.randn(n, generator=g, dtype=dtype) if shifted else None)
+    z = torch.randn(batch, d, generator=g, dtype=dtype)
+    probe = torch.randn(batch, d, generator=g, dtype=dtype) if trace == 2 else None
+    return z, probe, weights, patterns, scales, shifts
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """``max |got - want| / max |want|`` (the denominator floored at 1e-12), as a float."""
+    got, want = got.detach(), want.detach()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))

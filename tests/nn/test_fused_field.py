@@ -1,5 +1,6 @@
 """The fused field op ``sparseode::mlp_field``: values and gradients against the plain dense field
-with the autograd trace, gradcheck, opcheck, and the fields of sparseode.models through it."""
+with the autograd trace, gradcheck, opcheck, and the fields of sparseode.models through it (the
+backward op on its own: test_fused_field_backward.py)."""
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from sparseode.models.vector_field import ConcatLinear, ConcatSquashLinear
 from sparseode.nn import fused_field as ff
 from sparseode.nn.folded import FoldedConcatLinear
 from sparseode.nn.sparse_linear import SparseLinear
+from sparseode.testing import field_op_args, relative_error
 
 pytestmark = pytest.mark.skipif(not ff.op_available()[0], reason=f"no fused field op: {ff.op_available()[1]}")
 
@@ -21,45 +23,13 @@ ACTIVATIONS = ff.FUSED_ACTIVATIONS
 TRACES = (0, 1, 2)
 
 
-def _csr(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """CSR values and the op's 5 pattern tensors of ``weight`` where ``mask``."""
-    sw = so.nn.sparse_linear.SparseWeight.from_dense(weight, mask, format="csr")
-    return sw.values.detach().clone(), [t.clone() for t in list(sw.pattern)[:5]]
-
-
-def _op_args(d, widths, densities, B, dtype, trace, scaled, seed=0, grads=False):
-    """Random op arguments: dense first and last layers, CSR hidden layers of the given densities;
-    some shifts None unless ``grads`` (a list mixing None and tensors cannot be differentiated)."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = (d, *widths, d)
-    weights, patterns, scales, shifts = [], [], [], []
-    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
-        w = torch.randn(n, k, generator=g, dtype=dtype) / k ** 0.5
-        if 0 < i < len(sizes) - 2:
-            mask = torch.rand(n, k, generator=g) < densities[i - 1]
-            values, pattern = _csr(w, mask)
-            weights.append(values)
-            patterns.extend(pattern)
-        else:
-            weights.append(w)
-        scales.append(torch.rand(n, generator=g, dtype=dtype) + 0.5 if scaled else None)
-        shifts.append(torch.randn(n, generator=g, dtype=dtype) if scaled or i % 2 == 0 or grads else None)
-    z = torch.randn(B, d, generator=g, dtype=dtype)
-    probe = torch.randn(B, d, generator=g, dtype=dtype) if trace == 2 else None
-    return z, probe, weights, patterns, scales, shifts
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("trace", TRACES)
-@pytest.mark.parametrize("scaled", (False, True), ids=("shift", "scale+shift"))
-def test_op_matches_dense_reference(activation, trace, scaled):
+@pytest.mark.parametrize("time", ("mixed", "concatsquash"))
+def test_op_matches_dense_reference(activation, trace, time):
     # odd widths, a layer of density 0 and one of density 1, batches 1 and 37 (partial tiles)
     for B, widths, dens in ((1, (5,), ()), (37, (19, 23, 11), (0.0, 1.0)), (37, (33, 17), (0.3,))):
-        args = _op_args(3, widths, dens, B, torch.float64, trace, scaled)
+        args = field_op_args(3, widths, dens, B, time, trace, torch.float64)
         f, term, _ = torch.ops.sparseode.mlp_field(*args, activation, trace, False)
         want_f, want_term = ff.mlp_field_reference(*args, activation, trace)
         torch.testing.assert_close(f, want_f, rtol=1e-10, atol=1e-12)
@@ -68,14 +38,14 @@ def test_op_matches_dense_reference(activation, trace, scaled):
 
 @pytest.mark.parametrize("trace", TRACES)
 def test_op_float32_close_to_float64(trace):
-    args64 = _op_args(2, (64, 64), (0.1,), 300, torch.float64, trace, True)
+    args64 = field_op_args(2, (64, 64), (0.1,), 300, "concatsquash", trace, torch.float64)
     args32 = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args64[:2]]
     args32 += [[t.float() if t is not None and t.is_floating_point() else t for t in lst] for lst in args64[2:]]
     f, term, _ = torch.ops.sparseode.mlp_field(*args32, "tanh", trace, False)
     want_f, want_term = ff.mlp_field_reference(*args64, "tanh", trace)
-    assert _rel(f.double(), want_f) < 1e-5
+    assert relative_error(f.double(), want_f) < 1e-5
     if trace:
-        assert _rel(term.double(), want_term) < 1e-5
+        assert relative_error(term.double(), want_term) < 1e-5
 
 
 def _gradcheck_fn(activation, trace, n_w, n_p, scale_idx, shift_idx, n_layers):
@@ -94,10 +64,10 @@ def _gradcheck_fn(activation, trace, n_w, n_p, scale_idx, shift_idx, n_layers):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("trace", TRACES)
-@pytest.mark.parametrize("scaled", (False, True), ids=("shift", "scale+shift"))
-def test_gradcheck(activation, trace, scaled):
-    z, probe, weights, patterns, scales, shifts = _op_args(2, (5, 7), (0.5,), 3, torch.float64, trace, scaled,
-                                                           seed=3, grads=True)
+@pytest.mark.parametrize("time", ("concat", "concatsquash"))
+def test_gradcheck(activation, trace, time):
+    z, probe, weights, patterns, scales, shifts = field_op_args(2, (5, 7), (0.5,), 3, time, trace, torch.float64,
+                                                                seed=3)
     if activation == "relu":  # keep pre-activations away from the kink, where finite differences fail
         z = z * 0.1
     leaves = [z, *(probe,) * (probe is not None), *weights, *(s for s in scales if s is not None),
@@ -114,8 +84,8 @@ def test_gradcheck(activation, trace, scaled):
 
 @pytest.mark.parametrize("trace", TRACES)
 def test_gradcheck_density_zero_and_one_batch_one(trace):
-    z, probe, weights, patterns, scales, shifts = _op_args(3, (4, 6, 5), (0.0, 1.0), 1, torch.float64, trace,
-                                                           True, seed=5)
+    z, probe, weights, patterns, scales, shifts = field_op_args(3, (4, 6, 5), (0.0, 1.0), 1, "concatsquash", trace,
+                                                                torch.float64, seed=5)
     for t in [z, *weights, *scales, *shifts] + ([probe] if probe is not None else []):
         t.requires_grad_(True)
     fn = _gradcheck_fn("softplus", trace, len(weights), len(patterns), {0, 1, 2, 3}, {0, 1, 2, 3}, 4)
@@ -125,148 +95,11 @@ def test_gradcheck_density_zero_and_one_batch_one(trace):
 @pytest.mark.parametrize("trace", TRACES)
 @pytest.mark.parametrize("save", (False, True))
 def test_opcheck(trace, save):
-    z, probe, weights, patterns, scales, shifts = _op_args(3, (9, 13), (0.4,), 11, torch.float32, trace, True,
-                                                           grads=True)
+    z, probe, weights, patterns, scales, shifts = field_op_args(3, (9, 13), (0.4,), 11, "concatsquash", trace)
     for t in [z, *weights, *scales]:
         t.requires_grad_(True)
     torch.library.opcheck(torch.ops.sparseode.mlp_field.default,
                           (z, probe, weights, patterns, scales, shifts, "tanh", trace, save))
-
-
-# --- the backward op on its own ------------------------------------------------------------------
-def _backward_inputs(args, activation, trace, with_f, with_trace, seed=1):
-    """(op inputs of sparseode::mlp_field_backward, the gradients autograd of the dense reference
-    gives for z, probe, weights, scales, shifts) for random output gradients."""
-    z, probe, weights, patterns, scales, shifts = args
-    leaves = [z, probe, *weights, *scales, *shifts]
-    for t in leaves:
-        if t is not None:
-            t.requires_grad_(True)
-    f, term = ff.mlp_field_reference(z, probe, weights, patterns, scales, shifts, activation, trace)
-    g = torch.Generator().manual_seed(seed)
-    gf = torch.randn(f.shape, generator=g, dtype=f.dtype) if with_f else None
-    gtr = torch.randn(term.shape, generator=g, dtype=f.dtype) if with_trace and trace else None
-    loss = (f * gf).sum() if gf is not None else 0
-    loss = loss + (term * gtr).sum() if gtr is not None else loss
-    present = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(loss, present, allow_unused=True))
-    want = [next(grads) if t is not None else None for t in leaves]
-    want = [w if w is not None or t is None else torch.zeros_like(t) for w, t in zip(want, leaves)]
-    with torch.no_grad():
-        _, _, saved = torch.ops.sparseode.mlp_field(z, probe, weights, patterns, scales, shifts, activation, trace,
-                                                    True)
-    detached = [[t.detach() if t is not None else None for t in lst] for lst in (weights, scales, shifts)]
-    inputs = (z.detach(), probe.detach() if probe is not None else None, detached[0], patterns, detached[1],
-              detached[2], saved, gf, gtr, activation, trace)
-    return inputs, want
-
-
-def _check_backward(inputs, want, trace, rtol):
-    gz, gprobe, gw, gs, gc = torch.ops.sparseode.mlp_field_backward(*inputs)
-    n = len(inputs[2])
-    want_z, want_probe = want[0], want[1]
-    want_w, want_s, want_c = want[2:2 + n], want[2 + n:2 + 2 * n], want[2 + 2 * n:]
-    got = [gz, *gw, *(s for s, w in zip(gs, want_s) if w is not None), *(c for c, w in zip(gc, want_c) if w is not None)]
-    ref = [want_z, *want_w, *(w for w in want_s if w is not None), *(w for w in want_c if w is not None)]
-    if trace == 2 and inputs[8] is not None:
-        got.append(gprobe)
-        ref.append(want_probe)
-    else:
-        assert gprobe.numel() == 0
-    assert all(s.numel() == 0 for s, w in zip(gs, want_s) if w is None)
-    assert all(c.numel() == 0 for c, w in zip(gc, want_c) if w is None)
-    for i, (a, b) in enumerate(zip(got, ref)):
-        assert a.shape == b.shape, i
-        if a.numel():  # a density-0 layer stores no values
-            assert _rel(a.double(), b.double()) < rtol, (i, _rel(a.double(), b.double()))
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("trace", TRACES)
-@pytest.mark.parametrize("scaled", (False, True), ids=("shift", "scale+shift"))
-def test_backward_op_matches_dense_autograd(activation, trace, scaled):
-    # one dense d -> d layer, batch 1; odd widths with a layer of density 0 (empty rows and columns)
-    # and one of density 1, partial tiles; some scales and shifts None
-    for B, widths, dens in ((1, (), ()), (1, (5,), ()), (37, (19, 23, 11), (0.0, 1.0)), (70, (33, 17), (0.3,))):
-        args = _op_args(3, widths, dens, B, torch.float64, trace, scaled, seed=B + len(widths))
-        inputs, want = _backward_inputs(args, activation, trace, True, True)
-        _check_backward(inputs, want, trace, 1e-10)
-
-
-@pytest.mark.parametrize("trace", (1, 2))
-@pytest.mark.parametrize("with_f, with_trace", ((False, True), (True, False)), ids=("trace-grad-only", "f-grad-only"))
-def test_backward_op_with_one_output_gradient(trace, with_f, with_trace):
-    args = _op_args(2, (13, 9), (0.4,), 45, torch.float64, trace, True, seed=4)
-    inputs, want = _backward_inputs(args, "swish", trace, with_f, with_trace)
-    _check_backward(inputs, want, trace, 1e-10)
-
-
-@pytest.mark.parametrize("trace", TRACES)
-def test_backward_op_float32_close_to_float64(trace):
-    # the benchmark's shape class (2 -> 64x2, density 0.1) at a batch of several tiles per thread
-    args64 = _op_args(2, (64, 64), (0.1,), 300, torch.float64, trace, True, seed=6)
-    inputs, want = _backward_inputs(args64, "tanh", trace, True, True)
-    as32 = [x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
-    as32 = [[t.float() if t is not None and t.is_floating_point() else t for t in x] if isinstance(x, list) else x
-            for x in as32]
-    _check_backward(as32, want, trace, 1e-5)
-
-
-@pytest.mark.parametrize("trace", TRACES)
-def test_backward_op_split_over_threads(trace):
-    # several chunks of tiles, one gradient accumulator each, summed after
-    args = _op_args(2, (48, 40), (0.2,), 613, torch.float64, trace, True, seed=8)
-    inputs, want = _backward_inputs(args, "softplus", trace, True, True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _check_backward(inputs, want, trace, 1e-10)
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_backward_op_empty_batch():
-    args = _op_args(3, (5, 4), (0.5,), 0, torch.float64, 1, True)
-    with torch.no_grad():
-        _, _, saved = torch.ops.sparseode.mlp_field(*args, "tanh", 1, True)
-    z, probe, weights, patterns, scales, shifts = args
-    gz, gprobe, gw, gs, gc = torch.ops.sparseode.mlp_field_backward(z, probe, weights, patterns, scales, shifts,
-                                                                    saved, torch.zeros(0, 3, dtype=z.dtype),
-                                                                    torch.zeros(0, dtype=z.dtype), "tanh", 1)
-    assert gz.shape == (0, 3) and gprobe.numel() == 0
-    assert all(g.shape == w.shape and float(g.abs().sum()) == 0 for g, w in zip(gw, weights))
-    assert all(g.shape == s.shape and float(g.abs().sum()) == 0 for g, s in zip(gs + gc, scales + shifts))
-
-
-def test_backward_op_bad_arguments_name_the_argument():
-    args = _op_args(3, (5, 4), (0.5,), 6, torch.float32, 1, True)
-    with torch.no_grad():
-        _, _, saved = torch.ops.sparseode.mlp_field(*args, "tanh", 1, True)
-    z, probe, weights, patterns, scales, shifts = args
-    gf, gtr = torch.randn(6, 3), torch.randn(6)
-    call = torch.ops.sparseode.mlp_field_backward
-    with pytest.raises(RuntimeError, match=r"saved\[1\] must be the forward's products"):
-        call(z, probe, weights, patterns, scales, shifts, [saved[0], saved[1][:, :2], saved[2]], gf, gtr, "tanh", 1)
-    with pytest.raises(RuntimeError, match="saved must hold one entry per layer"):
-        call(z, probe, weights, patterns, scales, shifts, saved[:2], gf, gtr, "tanh", 1)
-    with pytest.raises(RuntimeError, match="grad_f must have z's shape"):
-        call(z, probe, weights, patterns, scales, shifts, saved, gf[:, :2], gtr, "tanh", 1)
-    with pytest.raises(RuntimeError, match="grad_trace must have shape"):
-        call(z, probe, weights, patterns, scales, shifts, saved, gf, gtr[:3], "tanh", 1)
-    with pytest.raises(RuntimeError, match="activation must be one of"):
-        call(z, probe, weights, patterns, scales, shifts, saved, gf, gtr, "gelu", 1)
-    with pytest.raises(RuntimeError, match="grad_f must have z's dtype"):
-        call(z, probe, weights, patterns, scales, shifts, saved, gf.double(), gtr, "tanh", 1)
-
-
-@pytest.mark.parametrize("trace", TRACES)
-def test_backward_op_opcheck(trace):
-    args = _op_args(3, (9, 13), (0.4,), 11, torch.float32, trace, True, grads=True)
-    with torch.no_grad():
-        _, _, saved = torch.ops.sparseode.mlp_field(*args, "tanh", trace, True)
-    gf, gtr = torch.randn(11, 3), torch.randn(11)
-    torch.library.opcheck(torch.ops.sparseode.mlp_field_backward.default,
-                          (*args, saved, gf, gtr if trace else None, "tanh", trace))
 
 
 # --- the fields of sparseode.models through the op ---------------------------------------------
@@ -297,7 +130,7 @@ def test_sparse_field_values_and_gradients_match_dense_autograd(activation, time
     want_f, neg = (exact_trace(dense, t, z) if trace == 1 else hutchinson_trace(dense, t, z, probe))
     zs = z.clone().requires_grad_(True)
     f, term = ff.fused_field(sparse, t, zs, _trace_name(trace), probe)
-    assert _rel(f, want_f) < 1e-5 and _rel(term, -neg) < 1e-5
+    assert relative_error(f, want_f) < 1e-5 and relative_error(term, -neg) < 1e-5
     # gradients of a loss of both outputs, wrt z and every parameter, against autograd through the
     # dense reference field built from the same parameters
     wf, wt = torch.randn_like(f), torch.randn_like(term)
@@ -310,7 +143,7 @@ def test_sparse_field_values_and_gradients_match_dense_autograd(activation, time
         if w is None:
             assert g is None or float(g.abs().max()) == 0, name
             continue
-        assert _rel(g, w) < 1e-5, name
+        assert relative_error(g, w) < 1e-5, name
 
 
 def test_bad_arguments_name_the_argument():
@@ -324,7 +157,7 @@ def test_bad_arguments_name_the_argument():
         ff.fused_field(field, 0.0, torch.randn(4, 2))
     with pytest.raises(ValueError, match="t must be one time"):
         ff.fused_field(field, torch.zeros(4), z)
-    args = _op_args(3, (5,), (), 4, torch.float32, 0, False)
+    args = field_op_args(3, (5,), (), 4, "mixed", 0)
     bad = list(args)
     bad[2] = [args[2][0], args[2][1][:, :2]]
     with pytest.raises(RuntimeError, match="input features"):
@@ -334,7 +167,7 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_mixed_none_and_differentiable_shifts_are_refused():
-    z, probe, weights, patterns, scales, shifts = _op_args(3, (5,), (), 4, torch.float64, 0, False)
+    z, probe, weights, patterns, scales, shifts = field_op_args(3, (5,), (), 4, "mixed", 0, torch.float64)
     assert any(c is None for c in shifts)
     next(c for c in shifts if c is not None).requires_grad_(True)
     z.requires_grad_(True)
@@ -441,4 +274,4 @@ def test_cnf_training_float32_matches_masked_dense(adjoint):
         loss.backward()
         grads.append([g for layer in field.layers for g in _layer_grads(layer)])
     for got, want in zip(*reversed(grads)):
-        assert _rel(got, want) < 1e-4
+        assert relative_error(got, want) < 1e-4

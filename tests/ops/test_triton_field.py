@@ -19,6 +19,7 @@ import torch
 
 from sparseode.nn import fused_field as ff
 from sparseode.ops.formats import SparseWeight
+from sparseode.testing import field_op_args
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
@@ -39,26 +40,10 @@ def launch():
 
 def _args(d: int, widths: tuple[int, ...], densities: tuple[float, ...], B: int, time: str, trace: int,
           dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Op arguments: dense first and last layers, CSR hidden-to-hidden layers of ``densities``
-    (row 0 of each CSR layer emptied), scales/shifts as the time mode makes them."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = (d, *widths, d)
-    weights, patterns, scales, shifts = [], [], [], []
-    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
-        w = torch.randn(n, k, generator=g, dtype=dtype) / k ** 0.5
-        if 0 < i < len(sizes) - 2:
-            mask = torch.rand(n, k, generator=g) < densities[i - 1]
-            mask[0] = False
-            sw = SparseWeight.from_dense(w, mask, format="csr")
-            weights.append(sw.values.detach().clone())
-            patterns.extend(t.clone() for t in list(sw.pattern)[:5])
-        else:
-            weights.append(w)
-        scales.append(torch.rand(n, generator=g, dtype=dtype) + 0.5 if time == "concatsquash" else None)
-        shifts.append(torch.randn(n, generator=g, dtype=dtype) if time != "none" else None)
-    z = 2 * torch.randn(B, d, generator=g, dtype=dtype)
-    probe = torch.randn(B, d, generator=g, dtype=dtype) if trace == 2 else None
-    return z, probe, weights, patterns, scales, shifts
+    """Op arguments (sparseode.testing.field_op_args) with row 0 of each CSR layer emptied and the
+    state scaled by 2 (wider pre-activations than the CPU op's tests draw)."""
+    z, *rest = field_op_args(d, widths, densities, B, time, trace, dtype, seed, empty_row=True)
+    return (2 * z, *rest)
 
 
 def _check(launch, args, activation: str, trace: int, atol: float = 2e-5, rtol: float = 2e-5) -> list:
