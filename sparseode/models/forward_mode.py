@@ -166,10 +166,11 @@ def forward_with_tangents(field: nn.Module, t: Tensor | float, x: Tensor,
                 torch.cat([pre, H[:, B:]], dim=1)
         if m and activation != "identity":
             grad = derivative(activation, pre, H[:, :B])[:, None, :]
+            width = H.shape[0]  # not -1 in the reshapes: an empty batch (B = 0) leaves it undetermined
             if torch.is_grad_enabled():  # keep the graph intact
-                H = torch.cat([H[:, :B], (H[:, B:].reshape(-1, m, B) * grad).reshape(-1, m * B)], dim=1)
+                H = torch.cat([H[:, :B], (H[:, B:].reshape(width, m, B) * grad).reshape(width, m * B)], dim=1)
             else:  # inference: scale the tangent columns where they are, no copy
-                H[:, B:].view(-1, m, B).mul_(grad)
+                H[:, B:].view(width, m, B).mul_(grad)
     f = H[:, :B].t()
     jv = H[:, B:].reshape(d, m, B).permute(2, 1, 0) if m else None
     return f, jv

@@ -41,9 +41,11 @@ def test_cnf_log_prob_of_no_points_is_empty_with_zero_gradients(sparse, trace, a
     assert x.grad is not None and x.grad.shape == (0, 2)
 
 
+@pytest.mark.parametrize("sparse", (None, "csr"))  # forward mode: tangents through the layers or the fused op
+@pytest.mark.parametrize("trace", ("exact", "hutchinson"))
 @pytest.mark.parametrize("inference_trace", ("forward", "autograd"))
-def test_cnf_log_prob_of_no_points_without_grad(inference_trace):
-    cnf = CNF(_field(sparse="csr"), inference_trace=inference_trace).double()
+def test_cnf_log_prob_of_no_points_without_grad(sparse, trace, inference_trace):
+    cnf = CNF(_field(sparse=sparse), trace=trace, inference_trace=inference_trace).double()
     with torch.no_grad():
         logp = cnf.log_prob(torch.empty(3, 0, 2, dtype=torch.float64))
     assert logp.shape == (3, 0) and logp.dtype == torch.float64
