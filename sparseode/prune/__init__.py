@@ -16,6 +16,7 @@ from sparseode.prune.checkpoint import clone, load_pruned
 from sparseode.prune.granularity import GRANULARITIES, register_granularity
 from sparseode.prune.layers import neuron_chains, prunable_layers
 from sparseode.prune.masking import apply, remove
+from sparseode.prune.neuron_schedule import neuron_density, neuron_schedule
 from sparseode.prune.report import LayerSparsity, SparsityReport, sparsity
 from sparseode.pruned import masks
 from sparseode.prune.pq import pq_index, pq_keep_ratio, pq_next_keep
@@ -29,5 +30,5 @@ __all__ = [
     "register_granularity", "ICP_MEASURES", "register_icp_measure", "DiscrepancyMeasure",
     "SparsityReport", "LayerSparsity", "PruneHistory", "RoundRecord", "HessianSpectrum",
     "connectivity", "gradient_flow", "ConnectivityMeasure", "pq_index", "pq_keep_ratio", "pq_next_keep",
-    "rewinding",
+    "rewinding", "neuron_density", "neuron_schedule",
 ]
