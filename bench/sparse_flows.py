@@ -18,7 +18,10 @@ Architectures: ``demo`` is the field of ``sparseode demo`` (2 -> 64x3 tanh, auto
 in training) with its training recipe; ``paper`` is the paper's toy field (4 x 64 sigmoid, time
 concatenated, Hutchinson trace in training, dopri5). Rules: ``lamp`` (LAMP scores, one global
 threshold), ``global`` (global magnitude), ``layer`` (per-layer magnitude, the same fraction in
-every layer), ``snip`` (SNIP, global). Every rule prunes every layer of the field, biases excluded.
+every layer), ``snip`` (SNIP, global), ``neuron`` (whole hidden units by the magnitude of their
+rows, the same fraction in every hidden layer; its unit keep ratios are the ones whose weight
+densities are nearest the schedule's, ``so.prune.neuron_schedule``). Every rule prunes every layer
+of the field, biases excluded.
 
 Budget: the paper retrains 100 epochs per round; here ``--steps`` optimiser steps per round
 (batch ``--batch``, ``--n-train`` points: ``steps * batch / n_train`` epochs), the final round
@@ -54,6 +57,7 @@ RULES: dict[str, dict[str, str]] = {
     "global": {"method": "magnitude", "scope": "global"},
     "layer": {"method": "magnitude", "scope": "layer"},
     "snip": {"method": "snip", "scope": "global"},
+    "neuron": {"method": "magnitude", "granularity": "neuron"},
 }
 ARCHS = ("demo", "paper")
 #: named cascades (keep ratios): the paper's 29 rounds, and the demo's 5 (50, 75, 90, 95, 98%)
@@ -153,7 +157,9 @@ def run_cell(args: argparse.Namespace, cell: dict[str, Any]) -> tuple[list[dict]
     n_score = max(1, min(4, len(data["train"]) // args.batch))  # whole batches for SNIP's gradients
     score_data = [(data["train"][i * args.batch:(i + 1) * args.batch],) for i in range(n_score)]
     fitter = retrain(args, data, seed, steps, cell["lr"])
-    hist = so.prune.iterative(model, fitter, target=1 - keeps[-1], schedule=keeps,
+    # the neuron rule's schedule is in units: those whose weight densities are nearest to keeps
+    prune_keeps = so.prune.neuron_schedule(model, keeps) if rule == "neuron" else keeps
+    hist = so.prune.iterative(model, fitter, target=1 - prune_keeps[-1], schedule=prune_keeps,
                               final_fit=retrain(args, data, seed, 2 * steps, cell["lr"]), data=score_data,
                               n_batches=n_score, seed=seed, progress=not args.no_progress, **RULES[rule])
     for k, (rec, sd) in enumerate(zip(hist.rounds, hist.checkpoints)):
@@ -187,6 +193,13 @@ def plan(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                         yield cell(d, a, r, s, hessian=args.hessian and s == args.seeds[0])
         return
     first, rest = ("lamp", "global"), ("layer", "snip")
+    for s in (0, 1, 2):  # neuron pruning: the rule that holds 98% on the demo flow (bench/results/sparse_flows.md)
+        yield cell("gaussians", "demo", "neuron", s)
+    for s in (0, 1, 2):
+        yield cell("gaussians", "paper", "neuron", s)
+    for d in ("spirals", "moons"):
+        for a in ("demo", "paper"):
+            yield cell(d, a, "neuron", 0)
     for r in first:  # the two leading rules on gaussians at the demo architecture
         yield cell("gaussians", "demo", r, 0)
     for r, lr in (("lamp", 3e-3), ("global", 3e-3), ("lamp", 1e-3), ("global", 1e-3)):

@@ -176,7 +176,7 @@ def write(out: Path, rows: list[dict], hess: list[dict], args: argparse.Namespac
              "(dense training included where it was not cached).", "",
              f"Targets: {TARGETS}.", ""]
     for (ds, arch), grp in sorted(_group(rows, main).items()):
-        rules = [r for r in ("lamp", "global", "layer", "snip") if any(g["rule"] == r for g in grp)]
+        rules = [r for r in ("lamp", "global", "layer", "snip", "neuron") if any(g["rule"] == r for g in grp)]
         seeds = ", ".join(f"{r} {_seeds(grp, r)}" for r in rules)
         dense = sorted({(g["seed"], g["dense_nll"]) for g in grp})
         lines += [f"## {ds}, {arch} architecture (seeds: {seeds})", "",
@@ -227,7 +227,7 @@ def _plot(path: Path, rows: list[dict], main: tuple) -> None:
     fig = Figure(figsize=(4 * (len(groups) + (len(budget) > 1)), 3.4))
     axes = fig.subplots(1, len(groups) + (len(budget) > 1), squeeze=False)[0]
     for ax, ((ds, arch), grp) in zip(axes, groups):
-        for rule in ("lamp", "global", "layer", "snip"):
+        for rule in ("lamp", "global", "layer", "snip", "neuron"):
             at = [r for r in grp if r["rule"] == rule]
             keeps = sorted({r["keep"] for r in at}, reverse=True)
             if not keeps:

@@ -50,3 +50,13 @@ def test_sparse_flows_rejects_unknown_choices(load_bench):
     for argv in (["--rules", "lamp,magic"], ["--archs", "huge"], ["--datasets", "nope"], ["--steps", "0"]):
         with pytest.raises(SystemExit):
             sf.parse(argv)
+
+
+def test_sparse_flows_neuron_rule_prunes_units_to_the_schedules_weight_density(tmp_path, load_bench):
+    sf = load_bench("sparse_flows")
+    assert sf.main(["--tiny", "--no-progress", "--rules", "neuron", "--out", str(tmp_path)]) == 0
+    rows = [r for r in _rows(tmp_path / "sparse_flows.csv") if r["keep"] != "1.0"]
+    # 2 -> 64x3: u kept units hold 4u + 2u^2 of 8448 weights; 0.5 -> 45 units, 0.1 -> 20 units
+    expected = {"0.5": 1 - (4 * 45 + 2 * 45 ** 2) / 8448, "0.1": 1 - (4 * 20 + 2 * 20 ** 2) / 8448}
+    assert {r["keep"]: float(r["sparsity"]) for r in rows} == pytest.approx(expected, abs=1e-9)
+    assert all(math.isfinite(float(r["test_nll"])) for r in rows)
