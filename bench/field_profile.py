@@ -15,6 +15,10 @@ columns), every figure from one run:
   of the sparse products, whose FLOPs (2 per stored weight per panel column) give the sparse
   GFLOP/s;
 * ``floor``: the op at batch 1 with empty hidden layers (checks, allocation, dispatch);
+* the parts of ``op empty``: ``shallow`` is the op on a 2 -> hidden -> 2 field with the identity
+  (the dense first and last layers, input packing, the non-finite check, one bias pass; its GFLOP/s
+  count the dense layers' products); ``(op empty identity - shallow) / 2`` is one empty hidden
+  layer's row loop (bias, stores); ``op empty - op empty identity`` the activation of the 3 layers;
 * reference rates from the same run: dense ``torch.mm`` of the hidden layer's shape on the same
   panel width (GFLOP/s the cores reach on dense work) and ``torch.tanh`` on the activations.
 
@@ -98,9 +102,10 @@ def _detached(args):
     return d, patterns, [s if s is None else s.detach() for s in scales], [c if c is None else c.detach() for c in shifts]
 
 
-def _emptied(field: nn.Module) -> nn.Module:
-    """The field with every CSR hidden layer holding no entries (same shapes)."""
-    empty = MLPVectorField(field.dim, field.hidden, time=field.time, activation=field.activation)
+def _emptied(field: nn.Module, hidden: tuple[int, ...] | None = None) -> nn.Module:
+    """The field (or one of its width with ``hidden`` layers) with every CSR hidden layer holding no
+    entries (same shapes)."""
+    empty = MLPVectorField(field.dim, hidden or field.hidden, time=field.time, activation=field.activation)
     for layer in empty.layers[1:-1]:
         prune.custom_from_mask(layer, "weight", torch.zeros_like(layer.weight, dtype=torch.bool))
     return so.sparsify(empty, format="csr", backend="cpu")
@@ -142,6 +147,7 @@ def profile(hidden: int, density: float, batch: int, trace: str | None, min_run_
     with torch.no_grad():
         args = _detached(ff.field_arguments(sparse, t))
         args_empty = _detached(ff.field_arguments(empty, t))
+        args_shallow = _detached(ff.field_arguments(_emptied(sparse, (hidden,)), t))
         want = dense(t, x)
         assert float((op(x, None, *args, "tanh", code, False)[0] - want).abs().max()) < 1e-4 * float(want.abs().max())
         r = dict(hidden=hidden, density=density, batch=batch, trace=trace or "none")
@@ -155,6 +161,10 @@ def profile(hidden: int, density: float, batch: int, trace: str | None, min_run_
             "op_identity": lambda: op(x, None, *args, "identity", code, False),
             "op_empty": lambda: op(x, None, *args_empty, "tanh", code, False),
             "floor": lambda: op(x1, None, *args_empty, "identity", code, False),
+            # the parts of op_empty: one hidden layer (the dense first and last layers only), and identity
+            "shallow": lambda: op(x, None, *args_shallow, "identity", code, False),
+            "shallow_tanh": lambda: op(x, None, *args_shallow, "tanh", code, False),
+            "empty_identity": lambda: op(x, None, *args_empty, "identity", code, False),
         }, min_run_time, rounds))
         # reference rates: dense GEMM of one hidden layer on the panel width, tanh of the activations
         h = torch.randn(hidden, batch * (1 + m))
@@ -175,6 +185,15 @@ def profile(hidden: int, density: float, batch: int, trace: str | None, min_run_
     # panel bytes the products read: one panel row (PW floats) per stored weight per tile
     r["panel_read_gbs"] = nnz * columns * 4 / max(r["op"] - r["op_empty"], 1e-9) / 1e9
     r["weight_bytes"] = nnz * (4 + 8)
+    # op_empty = floor + dense first/last layers (with pack, non-finite check, one bias pass) + two
+    # empty hidden layers' row loops + the activation of the three hidden layers
+    r["part_dense"] = r["shallow"] - r["floor"]
+    r["part_rows"] = (r["empty_identity"] - r["shallow"]) / 2
+    r["part_act"] = r["op_empty"] - r["empty_identity"]
+    r["part_act_first"] = r["shallow_tanh"] - r["shallow"]
+    tangent_rows = 1 + (trace is not None)  # state and the trace's rows of the last layer's products
+    dense_flops = 2 * 2 * hidden * batch * (1 + m) + 2 * hidden * 2 * batch * tangent_rows
+    r["dense_gflops"] = dense_flops / max(r["part_dense"], 1e-9) / 1e9
     return r
 
 
@@ -189,6 +208,10 @@ def report(r: dict) -> str:
         f"(dense torch.mm of the layer: {r['gemm_gflops']:.0f} GFLOP/s), panel reads {r['panel_read_gbs']:.0f} GB/s",
         f"  activation + derivative: {r['act_share']:.0%} of the op, {r['act_ns']:.2f} ns per element "
         f"(torch.tanh: {r['torch_tanh_ns']:.2f} ns)",
+        f"  op empty hidden = fixed {r['floor'] * 1e6:.0f} us + dense 2-wide first/last layers, pack, non-finite "
+        f"check {r['part_dense'] * 1e6:.0f} us ({r['dense_gflops']:.1f} GFLOP/s) + 2 x {r['part_rows'] * 1e6:.0f} us "
+        f"per empty hidden layer (row loop, bias, stores) + activation of 3 layers {r['part_act'] * 1e6:.0f} us "
+        f"(first layer alone {r['part_act_first'] * 1e6:.0f} us)",
         f"  Python per call (call - op): {r['python_share']:.0%} of the call",
         f"  tile TB={r['tb']}, input panel {r['panel_bytes'] / 1024:.0f} KiB per tile, "
         f"weights+indices {r['weight_bytes'] / 1024:.0f} KiB ({r['nnz']} stored)",

@@ -10,26 +10,35 @@
 namespace sparseode::cpu {
 
 // tanh for float as a rational function (odd degree-13 / even degree-6 polynomial), accurate to a
-// few float32 ulp; the clamp is where tanh rounds to +-1 in float32.
-inline float tanh_rational(float a) {
+// few float32 ulp; the clamp is where tanh rounds to +-1 in float32. V is float or a GCC vector of
+// floats (the fused field's Vec<float>): one formula for the scalar epilogues and the vector kernels.
+// Always inlined, so a vector instance takes the instruction set of the variant that calls it.
+// (-Wpsabi warns that a wide vector return is compiled here without its instruction set: no copy is
+// ever compiled out of line.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename V>
+__attribute__((always_inline)) inline V tanh_rational(V a) {
   constexpr float clamp = 7.90531110763549805f;
-  float x = a > clamp ? clamp : (a < -clamp ? -clamp : a);  // NaN passes through both tests
-  const float x2 = x * x;
-  float p = -2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
+  const V hi = V{} + clamp;  // a constant: folded
+  V x = a > clamp ? hi : a;  // NaN passes through both tests
+  x = x < -clamp ? -hi : x;
+  const V x2 = x * x;
+  V p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
   p = p * x2 - 8.60467152213735e-11f;
   p = p * x2 + 5.12229709037114e-08f;
   p = p * x2 + 1.48572235717979e-05f;
   p = p * x2 + 6.37261928875436e-04f;
   p = p * x2 + 4.89352455891786e-03f;
   p = p * x;
-  float q = 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
+  V q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
-  const float r = p / q;
-  return std::fabs(a) < 4e-4f ? a : r;
+  const V r = p / q;
+  const V mag = a < 0.0f ? -a : a;
+  return mag < 4e-4f ? a : r;
 }
+#pragma GCC diagnostic pop
 
 template <typename T>
 inline T tanh_fast(T a) {

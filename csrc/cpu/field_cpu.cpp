@@ -46,7 +46,7 @@ FieldAct parse_field_activation(std::string_view name) {
 
 namespace {
 
-// Tile width: 1, 2 or 4 SIMD registers (the kernels take up to 8), with both panels of the widest
+// Tile width: 1, 2 or 4 SIMD registers (the kernels take no more), with both panels of the widest
 // layer within ~L2/4, and small enough that every thread gets a tile.
 int64_t choose_tile(int64_t lanes, int64_t elem, int64_t B, int64_t width, int64_t m) {
   constexpr int64_t kPanelBytes = 256 * 1024;

@@ -173,69 +173,47 @@ void pack_input(const FieldCall<T>& g, int64_t b0, int64_t nb, T* panel) {
   }
 }
 
-// tanh of every lane: float by tanh_rational's formula on whole vectors, double lane by lane.
+// tanh of every lane: float by tanh_rational (activation.h) on whole vectors, double lane by lane.
 template <typename T>
-inline Vec<T> tanh_vec(Vec<T> a) {
-  using V = Vec<T>;
+__attribute__((always_inline)) inline Vec<T> tanh_vec(Vec<T> a) {
   if constexpr (std::is_same_v<T, float>) {
-    const V clamp = splat(7.90531110763549805f);
-    V x = a > clamp ? clamp : a;  // NaN passes through both tests
-    x = x < -clamp ? -clamp : x;
-    const V x2 = x * x;
-    V p = splat(-2.76076847742355e-16f);
-    p = p * x2 + 2.00018790482477e-13f;
-    p = p * x2 - 8.60467152213735e-11f;
-    p = p * x2 + 5.12229709037114e-08f;
-    p = p * x2 + 1.48572235717979e-05f;
-    p = p * x2 + 6.37261928875436e-04f;
-    p = p * x2 + 4.89352455891786e-03f;
-    p = p * x;
-    V q = splat(1.19825839466702e-06f);
-    q = q * x2 + 1.18534705686654e-04f;
-    q = q * x2 + 2.26843463243900e-03f;
-    q = q * x2 + 4.89352518554385e-03f;
-    const V r = p / q;
-    const V mag = a < 0.0f ? -a : a;
-    return mag < 4e-4f ? a : r;
+    return tanh_rational(a);
   } else {
-    V y;
+    Vec<T> y;
     for (int64_t l = 0; l < kLanes<T>; ++l) y[l] = std::tanh(a[l]);
     return y;
   }
 }
 
-// y = act(pre), dy = act'(pre) on whole vectors; softplus and elu (exp/log1p) lane by lane.
-template <typename T>
-inline void activate_vec(FieldAct act, Vec<T> pre, Vec<T>& y, Vec<T>& dy) {
+// y = act(pre), dy = act'(pre) on whole vectors, the activation a compile-time constant so that the
+// tile's vectors interleave; softplus and elu (exp/log1p) lane by lane. An unused dy costs nothing.
+template <typename T, FieldAct ACT>
+__attribute__((always_inline)) inline void activate_vec(Vec<T> pre, Vec<T>& y, Vec<T>& dy) {
   using V = Vec<T>;
   const V one = splat(T(1)), zero = V{};
-  switch (act) {
-    case FieldAct::Identity: y = pre; dy = one; return;
-    case FieldAct::Tanh: y = tanh_vec<T>(pre); dy = one - y * y; return;
-    case FieldAct::Relu: y = pre < T(0) ? zero : pre; dy = pre > T(0) ? one : zero; return;  // keeps NaN
-    case FieldAct::Sigmoid: y = T(0.5) * tanh_vec<T>(T(0.5) * pre) + T(0.5); dy = y * (one - y); return;
-    case FieldAct::Swish: {
-      const V sg = T(0.5) * tanh_vec<T>(T(0.5) * pre) + T(0.5);
-      y = pre * sg;
-      dy = sg + y * (one - sg);
-      return;
+  if constexpr (ACT == FieldAct::Identity) {
+    y = pre;
+    dy = one;
+  } else if constexpr (ACT == FieldAct::Tanh) {
+    y = tanh_vec<T>(pre);
+    dy = one - y * y;
+  } else if constexpr (ACT == FieldAct::Relu) {
+    y = pre < T(0) ? zero : pre;  // keeps NaN
+    dy = pre > T(0) ? one : zero;
+  } else if constexpr (ACT == FieldAct::Sigmoid) {
+    y = T(0.5) * tanh_vec<T>(T(0.5) * pre) + T(0.5);
+    dy = y * (one - y);
+  } else if constexpr (ACT == FieldAct::Swish) {
+    const V sg = T(0.5) * tanh_vec<T>(T(0.5) * pre) + T(0.5);
+    y = pre * sg;
+    dy = sg + y * (one - sg);
+  } else {  // Softplus, Elu
+    for (int64_t l = 0; l < kLanes<T>; ++l) {
+      T yl, dl;
+      activate_with_derivative<T, ACT>(pre[l], yl, dl);
+      y[l] = yl;
+      dy[l] = dl;
     }
-    case FieldAct::Softplus:
-      for (int64_t l = 0; l < kLanes<T>; ++l) {
-        T yl, dl;
-        activate_with_derivative<T, FieldAct::Softplus>(pre[l], yl, dl);
-        y[l] = yl;
-        dy[l] = dl;
-      }
-      return;
-    case FieldAct::Elu:
-      for (int64_t l = 0; l < kLanes<T>; ++l) {
-        T yl, dl;
-        activate_with_derivative<T, FieldAct::Elu>(pre[l], yl, dl);
-        y[l] = yl;
-        dy[l] = dl;
-      }
-      return;
   }
 }
 
@@ -262,75 +240,107 @@ inline void accumulate(const T* __restrict w, const int64_t* __restrict col, int
 
 // Groups [g0, g0 + G) of hidden row n over the whole tile (TB = NV lanes-vectors): the products,
 // recorded for the backward, then in registers states <- act(s u + c) and tangents <- act'(pre) s V.
-// `slope` (TB values) carries act'(pre) s from the pass holding the state to later passes.
-template <typename T, int G, int NV>
-void hidden_pass(const FieldLayer<T>& layer, const FieldCall<T>& g, int64_t n, const T* x, T* y, int64_t g0,
-                 int64_t b0, int64_t nb, T* __restrict slope) {
+// A STATE pass holds the state block (g0 = 0) and applies the activation; with KEEP_SLOPE (more
+// passes follow for this row) it leaves act'(pre) s (TB values) in `slope` for them. Inlined into the
+// row loop of hidden_rows, so per row only the products and the epilogue remain.
+template <typename T, FieldAct ACT, int G, int NV, bool STATE, bool KEEP_SLOPE>
+__attribute__((always_inline)) inline void hidden_pass(const FieldLayer<T>& layer, const FieldCall<T>& g, int64_t n,
+                                                       const T* x, T* y, int64_t g0, int64_t b0, int64_t nb,
+                                                       T* __restrict slope) {
   using V = Vec<T>;
-  constexpr int64_t L = kLanes<T>;
+  constexpr int64_t L = kLanes<T>, TB = NV * L;  // g.TB, as a constant (a store could alias g)
   const int64_t p0 = layer.crow ? layer.crow[n] : n * layer.K;
   const int64_t cnt = layer.crow ? layer.crow[n + 1] - p0 : layer.K;
+  const int64_t PW = g.PW;
   V acc[G][NV];
-  accumulate<T, G, NV>(layer.w + p0, layer.crow ? layer.col + p0 : g.iota, cnt, x + g0 * g.TB, g.PW, g.TB, acc);
+  accumulate<T, G, NV>(layer.w + p0, layer.crow ? layer.col + p0 : g.iota, cnt, x + g0 * TB, PW, TB, acc);
+  // Every loop over acc is unrolled: one indexed at run time would keep the accumulators in memory.
   if (layer.saved) {
+#pragma GCC unroll 4
     for (int q = 0; q < G; ++q) {
       T* dst = layer.saved + (n * layer.groups + g0 + q) * g.B + b0;
-      if (nb == NV * L) {
+      if (nb == TB) {
+#pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) store(dst + v * L, acc[q][v]);
       } else {
-        T tmp[NV * L];
+        T tmp[TB];
+#pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) store(tmp + v * L, acc[q][v]);
         std::copy_n(tmp, nb, dst);
       }
     }
   }
-  const T s = layer.scale ? layer.scale[n] : T(1), c = layer.shift ? layer.shift[n] : T(0);
-  T* out = y + n * g.PW + g0 * g.TB;
-  int q0 = 0;
+  T* out = y + n * PW + g0 * TB;
   V sl[NV];
-  if (g0 == 0) {
+  if constexpr (STATE) {
+    const T s = layer.scale ? layer.scale[n] : T(1), c = layer.shift ? layer.shift[n] : T(0);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       V h, dh;
-      activate_vec<T>(g.act, s * acc[0][v] + c, h, dh);
+      activate_vec<T, ACT>(s * acc[0][v] + c, h, dh);
       store(out + v * L, h);
       sl[v] = dh * s;
     }
-    if (G < 1 + g.m)
+    if constexpr (KEEP_SLOPE) {
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) store(slope + v * L, sl[v]);
-    q0 = 1;
+    }
   } else {
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) sl[v] = load(slope + v * L);
   }
 #pragma GCC unroll 4
-  for (int q = q0; q < G; ++q)
+  for (int q = STATE ? 1 : 0; q < G; ++q)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store(out + q * g.TB + v * L, acc[q][v] * sl[v]);
+    for (int v = 0; v < NV; ++v) store(out + q * TB + v * L, acc[q][v] * sl[v]);
 }
 
 // Groups a hidden pass holds at once with NV vectors each.
 template <int NV>
 constexpr int kPassGroups = std::max(1, std::min(4, kAccumulators / NV));
 
-// Every row of a hidden layer for one tile: each row in ceil((1 + m) / kPassGroups) passes.
+// Later passes of a row (tangent groups only, act'(pre) s from `slope`): the left groups of the row.
 template <typename T, int NV>
+inline void tangent_passes(const FieldLayer<T>& layer, const FieldCall<T>& g, int64_t n, const T* x, T* y,
+                           int64_t g0, int64_t b0, int64_t nb, T* slope) {
+  constexpr int GP = kPassGroups<NV>;
+  constexpr FieldAct I = FieldAct::Identity;  // unused by a pass without the state block
+  for (; g0 < 1 + g.m; g0 += GP) {
+    const int64_t left = std::min<int64_t>(GP, 1 + g.m - g0);
+    if (left >= 4 && GP >= 4) {
+      hidden_pass<T, I, std::min(4, GP), NV, false, false>(layer, g, n, x, y, g0, b0, nb, slope);
+    } else if (left == 3 && GP >= 3) {
+      hidden_pass<T, I, std::min(3, GP), NV, false, false>(layer, g, n, x, y, g0, b0, nb, slope);
+    } else if (left == 2 && GP >= 2) {
+      hidden_pass<T, I, std::min(2, GP), NV, false, false>(layer, g, n, x, y, g0, b0, nb, slope);
+    } else {
+      hidden_pass<T, I, 1, NV, false, false>(layer, g, n, x, y, g0, b0, nb, slope);
+    }
+  }
+}
+
+// Every row of a hidden layer for one tile whose 1 + m groups fit one pass of G groups.
+template <typename T, FieldAct ACT, int G, int NV>
+void hidden_rows(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, T* y, int64_t b0, int64_t nb) {
+  for (int64_t n = 0; n < layer.N; ++n) hidden_pass<T, ACT, G, NV, true, false>(layer, g, n, x, y, 0, b0, nb, nullptr);
+}
+
+// Every row of a hidden layer for one tile: one pass per row when its 1 + m groups fit the
+// registers (the usual case: no trace, Hutchinson, exact trace of d <= 3), else ceil((1 + m) / GP).
+template <typename T, FieldAct ACT, int NV>
 void hidden_layer(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, T* y, int64_t b0, int64_t nb,
                   T* slope) {
   constexpr int GP = kPassGroups<NV>;
-  const int64_t groups = 1 + g.m;
+  switch (1 + g.m) {
+    case 1: return hidden_rows<T, ACT, 1, NV>(layer, g, x, y, b0, nb);
+    case 2: if constexpr (GP >= 2) return hidden_rows<T, ACT, 2, NV>(layer, g, x, y, b0, nb); break;
+    case 3: if constexpr (GP >= 3) return hidden_rows<T, ACT, 3, NV>(layer, g, x, y, b0, nb); break;
+    case 4: if constexpr (GP >= 4) return hidden_rows<T, ACT, 4, NV>(layer, g, x, y, b0, nb); break;
+    default: break;
+  }
   for (int64_t n = 0; n < layer.N; ++n) {
-    for (int64_t g0 = 0; g0 < groups; g0 += GP) {
-      const int64_t left = std::min<int64_t>(GP, groups - g0);
-      if (left >= 4 && GP >= 4) {
-        hidden_pass<T, std::min(4, GP), NV>(layer, g, n, x, y, g0, b0, nb, slope);
-      } else if (left == 3 && GP >= 3) {
-        hidden_pass<T, std::min(3, GP), NV>(layer, g, n, x, y, g0, b0, nb, slope);
-      } else if (left == 2 && GP >= 2) {
-        hidden_pass<T, std::min(2, GP), NV>(layer, g, n, x, y, g0, b0, nb, slope);
-      } else {
-        hidden_pass<T, 1, NV>(layer, g, n, x, y, g0, b0, nb, slope);
-      }
-    }
+    hidden_pass<T, ACT, GP, NV, true, true>(layer, g, n, x, y, 0, b0, nb, slope);
+    tangent_passes<T, NV>(layer, g, n, x, y, GP, b0, nb, slope);
   }
 }
 
@@ -370,7 +380,7 @@ void poison_nonfinite(const FieldCall<T>& g, int64_t b0, int64_t nb) {
 }
 
 // Tiles [begin, end) of a call: NV vectors of batch columns per tile (TB = NV lanes).
-template <typename T, int NV>
+template <typename T, FieldAct ACT, int NV>
 void tiles_nv(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t b0 = tile * g.TB, nb = std::min(g.TB, g.B - b0);
@@ -378,7 +388,7 @@ void tiles_nv(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScra
     T* y = s.b;
     pack_input(g, b0, nb, x);
     for (int64_t l = 0; l + 1 < g.n_layers; ++l) {
-      hidden_layer<T, NV>(g.layers[l], g, x, y, b0, nb, s.row);
+      hidden_layer<T, ACT, NV>(g.layers[l], g, x, y, b0, nb, s.row);
       std::swap(x, y);
     }
     last_layer(g.layers[g.n_layers - 1], g, x, b0, nb, s.row);
@@ -386,13 +396,26 @@ void tiles_nv(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScra
   }
 }
 
+template <typename T, FieldAct ACT>
+void tiles_act(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
+  switch (g.TB / kLanes<T>) {
+    case 1: return tiles_nv<T, ACT, 1>(g, begin, end, s);
+    case 2: return tiles_nv<T, ACT, 2>(g, begin, end, s);
+    default: return tiles_nv<T, ACT, 4>(g, begin, end, s);
+  }
+}
+
 template <typename T>
 void tiles(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
-  switch (g.TB / kLanes<T>) {
-    case 1: return tiles_nv<T, 1>(g, begin, end, s);
-    case 2: return tiles_nv<T, 2>(g, begin, end, s);
-    case 4: return tiles_nv<T, 4>(g, begin, end, s);
-    default: return tiles_nv<T, 8>(g, begin, end, s);
+  using A = FieldAct;
+  switch (g.act) {
+    case A::Identity: return tiles_act<T, A::Identity>(g, begin, end, s);
+    case A::Tanh: return tiles_act<T, A::Tanh>(g, begin, end, s);
+    case A::Relu: return tiles_act<T, A::Relu>(g, begin, end, s);
+    case A::Softplus: return tiles_act<T, A::Softplus>(g, begin, end, s);
+    case A::Sigmoid: return tiles_act<T, A::Sigmoid>(g, begin, end, s);
+    case A::Elu: return tiles_act<T, A::Elu>(g, begin, end, s);
+    case A::Swish: return tiles_act<T, A::Swish>(g, begin, end, s);
   }
 }
 

@@ -23,7 +23,7 @@ struct FieldLayer {
   int64_t groups = 0;
 };
 
-// One call: batch B, state size d, m tangents, tile width TB (1, 2, 4 or 8 SIMD vectors), panel
+// One call: batch B, state size d, m tangents, tile width TB (1, 2 or 4 SIMD vectors), panel
 // width PW = (1 + m) TB; trace 0 none, 1 exact, 2 Hutchinson. z, probe and f are (B, d)
 // batch-major, trace_out (B,) zeroed. iota holds 0, 1, ..., K - 1 for the widest dense layer (its
 // rows are read as CSR rows that store every column).
