@@ -42,7 +42,7 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     from sparseode import demo
     from sparseode.demo import run_demo
 
-    record = run_demo("gaussians", tmp_path, hidden=(8, 8), epochs=1, retrain_epochs=1, n_train=512,
+    record = run_demo("gaussians", tmp_path, hidden=(16, 16), epochs=1, retrain_epochs=1, n_train=512,
                       batch_size=256, progress=False)
     assert [r["sparsity"] for r in record["rows"]] == [0.0, 0.9, 0.98]
     table = capsys.readouterr().out
@@ -52,8 +52,11 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
         assert f"{r['test_nll'] - record['rows'][0]['test_nll']:+.3f}" in table
     assert record["rows"][1]["params"] < record["rows"][0]["params"]
     assert record["rule"] == demo.RULE and record["schedule"] == list(demo.SCHEDULE)  # the study's choice
-    assert [round(r["sparsity"], 2) for r in record["rounds"]] == [round(1 - k, 2) for k in demo.SCHEDULE]
-    assert f"({demo.RULE['method']}, {demo.RULE['scope']};" in table
+    # 2 -> u -> u -> 2 keeps 4u + u^2 of 320 weights: the unit counts nearest each weight keep ratio
+    assert [round(q * 16) for q in record["unit_schedule"]] == [11, 7, 4, 2, 1]
+    assert [r["sparsity"] for r in record["rounds"]] == pytest.approx([1 - (4 * u + u * u) / 320
+                                                                       for u in (11, 7, 4, 2, 1)])
+    assert f"({demo.RULE['method']}, {demo.RULE['granularity']};" in table
     for name in ("demo.json", "dense.pt", "pruned_90.pt", "pruned_98.pt", "sparse_98.pt", "flow_dense.png",
                  "flow_98.png", "nll_vs_sparsity.png"):
         assert (tmp_path / name).stat().st_size > 0, name
