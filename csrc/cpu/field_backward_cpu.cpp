@@ -75,11 +75,58 @@ std::vector<std::pair<int64_t, int64_t>> check_layers(const Args& a, int64_t m, 
   return dims;
 }
 
-// The backward's layers (pointers into `keep`, which holds the contiguous copies and the W^T) and
-// the size of one chunk's accumulator.
+// A layer runs its backward products as GEMMs (FieldBackLayer::dense) when it is at least this wide
+// both ways and stores at least this share of its entries. Measured on one core (AVX-512, MKL, the
+// backward op of a 2 -> 256x3 field at batch 1000, exact trace; sparse / GEMM path): density 0.2
+// 19-25 / 31-33 ms, 0.3 31-33 / 23-30, 0.5 29-31 / 20-21; 2 -> 64x3: 0.3 1.4-1.5 / 1.7-1.9, 0.5
+// 1.9-2.0 / 1.7. The sparse rows and dots run at ~15-25 GFLOP/s and a GEMM on a tile's panels at
+// ~45-75, so the dense product (all N K entries) wins from about a third of them stored.
+constexpr int64_t kGemmMinWidth = 32;
+constexpr double kGemmMinDensity = 0.35;
+
+bool gemm_path(int64_t N, int64_t K, int64_t stored) {
+  return std::min(N, K) >= kGemmMinWidth && static_cast<double>(stored) >= kGemmMinDensity * N * K;
+}
+
+// c = [c +] op(a) op(b) on raw row-major panels (FieldGemm), through ATen's mm (MKL here); called
+// from inside the per-thread chunks, where it runs on the calling thread.
 template <typename T>
-int64_t make_layers(const Args& a, const std::vector<std::pair<int64_t, int64_t>>& dims, std::vector<at::Tensor>& keep,
-                    std::vector<FieldBackLayer<T>>& layers) {
+void aten_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t Kc, const T* a, int64_t lda, const T* b,
+               int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto view = [&](const T* ptr, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<T*>(ptr), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  at::Tensor out = at::from_blob(c, {M, N}, {ldc, 1}, options);
+  const at::Tensor lhs = view(a, M, Kc, lda, trans_a), rhs = view(b, Kc, N, ldb, trans_b);
+  if (accumulate) {
+    out.addmm_(lhs, rhs);
+  } else {
+    at::mm_out(out, lhs, rhs);
+  }
+}
+
+// The (N, K) dense weights of a CSR layer (zeros where it stores nothing).
+template <typename T>
+const T* densify(const FieldLayer<T>& f, std::vector<at::Tensor>& keep, const at::TensorOptions& options) {
+  keep.push_back(at::zeros({f.N, f.K}, options));
+  T* dense = keep.back().data_ptr<T>();
+  for (int64_t n = 0; n < f.N; ++n)
+    for (int64_t p = f.crow[n]; p < f.crow[n + 1]; ++p) dense[n * f.K + f.col[p]] = f.w[p];
+  return dense;
+}
+
+struct AccSizes {
+  int64_t acc = 0;       // a chunk's accumulator: every weight, scale and shift gradient
+  int64_t dense_gw = 0;  // a chunk's dense weight gradients of the CSR layers on the GEMM path
+};
+
+// The backward's layers (pointers into `keep`, which holds the contiguous copies, the W^T and the
+// dense weights of GEMM-path layers) and the sizes of one chunk's accumulators.
+template <typename T>
+AccSizes make_layers(const Args& a, const std::vector<std::pair<int64_t, int64_t>>& dims, std::vector<at::Tensor>& keep,
+                     std::vector<FieldBackLayer<T>>& layers) {
   const auto ptr = [&](const at::Tensor& t) {
     keep.push_back(t.contiguous());
     return keep.back().data_ptr<T>();
@@ -88,7 +135,7 @@ int64_t make_layers(const Args& a, const std::vector<std::pair<int64_t, int64_t>
     keep.push_back(t.contiguous());
     return keep.back().data_ptr<int64_t>();
   };
-  int64_t acc = 0;
+  AccSizes sizes;
   size_t p = 0;
   for (size_t l = 0; l < layers.size(); ++l) {
     FieldBackLayer<T>& layer = layers[l];
@@ -96,14 +143,23 @@ int64_t make_layers(const Args& a, const std::vector<std::pair<int64_t, int64_t>
     f.N = dims[l].first;
     f.K = dims[l].second;
     const at::Tensor& w = a.weights[l];
+    const bool gemm = gemm_path(f.N, f.K, w.numel());
     f.w = ptr(w);
     if (w.dim() == 1) {
       f.crow = index(a.patterns[p]);
       f.col = index(a.patterns[p + 1]);
-      layer.crow_t = index(a.patterns[p + 2]);
-      layer.col_t = index(a.patterns[p + 3]);
-      layer.wt = ptr(w.index_select(0, a.patterns[p + 4]));
+      if (gemm) {
+        layer.dense = densify(f, keep, w.options());
+        layer.dense_gw = sizes.dense_gw;
+        sizes.dense_gw += f.N * f.K;
+      } else {
+        layer.crow_t = index(a.patterns[p + 2]);
+        layer.col_t = index(a.patterns[p + 3]);
+        layer.wt = ptr(w.index_select(0, a.patterns[p + 4]));
+      }
       p += kCsrFields;
+    } else if (gemm) {
+      layer.dense = f.w;
     } else {
       layer.wt = ptr(w.t().contiguous());
     }
@@ -112,22 +168,35 @@ int64_t make_layers(const Args& a, const std::vector<std::pair<int64_t, int64_t>
     if (c.has_value()) f.shift = ptr(*c);
     f.saved = ptr(a.saved[l]);
     f.groups = a.saved[l].size(1);
-    layer.gw = acc;
-    acc += w.numel();
+    layer.gw = sizes.acc;
+    sizes.acc += w.numel();
     if (f.scale) {
-      layer.gs = acc;
-      acc += f.N;
+      layer.gs = sizes.acc;
+      sizes.acc += f.N;
     }
     if (f.shift) {
-      layer.gc = acc;
-      acc += f.N;
+      layer.gc = sizes.acc;
+      sizes.acc += f.N;
     }
   }
-  return acc;
+  return sizes;
+}
+
+// acc's weight gradient of every CSR layer on the GEMM path += its dense gradient at the stored positions.
+template <typename T>
+void gather_dense_grads(const std::vector<FieldBackLayer<T>>& layers, const T* dense_gw, T* acc) {
+  for (const auto& layer : layers) {
+    const FieldLayer<T>& f = layer.fwd;
+    if (!layer.dense || !f.crow || layer.gw < 0) continue;
+    const T* g = dense_gw + layer.dense_gw;
+    T* out = acc + layer.gw;
+    for (int64_t n = 0; n < f.N; ++n)
+      for (int64_t p = f.crow[n]; p < f.crow[n + 1]; ++p) out[p] += g[n * f.K + f.col[p]];
+  }
 }
 
 template <typename T>
-at::Tensor run(FieldBackCall<T> call, const std::vector<FieldBackLayer<T>>& layers, int64_t acc_size, int64_t width,
+at::Tensor run(FieldBackCall<T> call, const std::vector<FieldBackLayer<T>>& layers, const AccSizes& sizes, int64_t width,
                const at::TensorOptions& options) {
   call.TB = backward_tile(field_kernels().lanes<T>(), sizeof(T), call.B, width, call.mb);
   call.PW = (1 + call.mb) * call.TB;
@@ -139,16 +208,25 @@ at::Tensor run(FieldBackCall<T> call, const std::vector<FieldBackLayer<T>>& laye
   const bool tiny = work * call.PW * n_tiles < (1 << 16);  // no thread wake-up for a tiny call
   const int64_t chunks = tiny ? 1 : std::min<int64_t>(at::get_num_threads(), n_tiles);
   const int64_t per_chunk = (n_tiles + chunks - 1) / chunks;
+  const int64_t acc_size = sizes.acc;
   at::Tensor acc = at::zeros({chunks, acc_size}, options);
+  call.gemm = &aten_gemm<T>;
   const auto tiles = field_backward_kernels().of<T>().tiles;
   T* acc_data = acc.data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const size_t panel = static_cast<size_t>(width * call.PW), row = static_cast<size_t>(width * call.TB);
-    std::vector<T> buf(3 * panel + 2 * row);
+    std::vector<T> buf(3 * panel + 2 * row), dense_gw(sizes.dense_gw);
     for (int64_t c = c0; c < c1; ++c) {
-      const FieldBackScratch<T> s{buf.data(), buf.data() + panel, buf.data() + 2 * panel, buf.data() + 3 * panel,
-                                  buf.data() + 3 * panel + row, acc_data + c * acc_size};
+      const FieldBackScratch<T> s{buf.data(),
+                                  buf.data() + panel,
+                                  buf.data() + 2 * panel,
+                                  buf.data() + 3 * panel,
+                                  buf.data() + 3 * panel + row,
+                                  acc_data + c * acc_size,
+                                  dense_gw.data()};
+      std::fill(dense_gw.begin(), dense_gw.end(), T(0));
       tiles(call, c * per_chunk, std::min(n_tiles, (c + 1) * per_chunk), s);
+      gather_dense_grads(layers, dense_gw.data(), s.acc);
     }
   });
   return chunks == 1 ? acc[0] : acc.sum(0);
@@ -199,15 +277,15 @@ mlp_field_backward(const at::Tensor& z_in, const std::optional<at::Tensor>& prob
   std::vector<at::Tensor> keep;  // contiguous copies and W^T alive for the call
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_field_backward_cpu", [&] {
     std::vector<FieldBackLayer<scalar_t>> layers(L);
-    const int64_t acc_size = make_layers<scalar_t>(args, dims, keep, layers);
-    at::Tensor total = at::zeros({acc_size}, z.options());
+    const AccSizes sizes = make_layers<scalar_t>(args, dims, keep, layers);
+    at::Tensor total = at::zeros({sizes.acc}, z.options());
     if (B > 0) {
       const FieldBackCall<scalar_t> call{nullptr, 0, B, d, m, with_trace ? m : 0, 0, 0, static_cast<int>(trace), act,
                                          z.data_ptr<scalar_t>(), e.defined() ? e.data_ptr<scalar_t>() : nullptr,
                                          gf.defined() ? gf.data_ptr<scalar_t>() : nullptr,
                                          gtr.defined() ? gtr.data_ptr<scalar_t>() : nullptr, gz.data_ptr<scalar_t>(),
-                                         gprobe.numel() ? gprobe.data_ptr<scalar_t>() : nullptr};
-      total = run<scalar_t>(call, layers, acc_size, width, z.options());
+                                         gprobe.numel() ? gprobe.data_ptr<scalar_t>() : nullptr, nullptr};
+      total = run<scalar_t>(call, layers, sizes, width, z.options());
     }
     for (size_t l = 0; l < L; ++l) {
       const FieldBackLayer<scalar_t>& layer = layers[l];

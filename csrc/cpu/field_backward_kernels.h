@@ -10,6 +10,8 @@
 //   gTpre = act'(pre) gT,  gpre = act'(pre) gh + act''(pre) sum_q gT_q Tpre_q,
 //   dL/dc += sum_b gpre,   dL/ds += sum_b (gpre u + sum_q gTpre_q V_q),   its adj = s [gpre | gTpre].
 // Everything elementwise is recomputed from the saved products while the tile's rows are in L1.
+// A wide, dense enough layer runs both products as GEMMs on the tile's panels instead (FieldGemm,
+// given by the ATen side): dense work at GEMM speed beats sparse rows there.
 
 namespace sparseode::cpu::FIELD_VARIANT::backward {
 
@@ -87,9 +89,65 @@ void transposed_product(const FieldBackLayer<T>& layer, const T* adj, int64_t PW
   }
 }
 
+// The layer's weight gradient from the tile's panels: a GEMM into the dense gradient on the GEMM
+// path (a CSR layer's into the chunk's dense_gw, gathered later), else the sparse dots.
+template <typename T>
+void layer_weight_grad(const FieldBackLayer<T>& layer, const FieldBackCall<T>& g, const T* adj, const T* x,
+                       int64_t cols, const FieldBackScratch<T>& s) {
+  if (layer.gw < 0) return;
+  const FieldLayer<T>& f = layer.fwd;
+  if (layer.dense) {
+    T* gw = f.crow ? s.dense_gw + layer.dense_gw : s.acc + layer.gw;
+    g.gemm(false, true, f.N, f.K, cols, adj, g.PW, x, g.PW, true, gw, f.K);
+  } else {
+    weight_grad(layer, adj, x, g.PW, cols, s.acc + layer.gw);
+  }
+}
+
+// out (K, cols) = W^T adj: one GEMM on the GEMM path, else W^T's sparse rows.
+template <typename T>
+void layer_transposed_product(const FieldBackLayer<T>& layer, const FieldBackCall<T>& g, const T* adj, int64_t cols,
+                              T* out) {
+  const FieldLayer<T>& f = layer.fwd;
+  if (layer.dense) {
+    g.gemm(true, false, f.K, cols, f.N, layer.dense, f.K, adj, g.PW, false, out, g.PW);
+  } else {
+    transposed_product(layer, adj, g.PW, cols, out);
+  }
+}
+
 template <typename T>
 inline const T* saved_row(const FieldLayer<T>& f, const FieldBackCall<T>& g, int64_t n, int64_t group, int64_t b0) {
   return f.saved + (n * f.groups + group) * g.B + b0;
+}
+
+// Rows this far ahead of the one being read are prefetched: the saved products are (N, groups, B),
+// so a tile reads a short segment (TB samples) of each row, strided by groups * B, which the
+// hardware prefetchers do not follow; without it every segment waited on L3 or memory (perf: most of
+// the backward's time at low density went to those loads).
+constexpr int64_t kPrefetchRows = 6;
+
+// Prefetch of the cache line holding p into all levels. On x86 as an asm statement: GCC 12 dropped
+// __builtin_prefetch from this loop (none were in the object code).
+inline void prefetch_line(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+// Prefetches the tile's segments [b0, b0 + nb) of the groups of saved row n the backward reads (the
+// state and the mb tangents; nothing past the last row).
+template <typename T>
+inline void prefetch_saved(const FieldLayer<T>& f, const FieldBackCall<T>& g, int64_t n, int64_t b0, int64_t nb) {
+  if (n >= f.N) return;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t q = 0; q <= g.mb; ++q) {
+    const T* row = saved_row(f, g, n, q, b0);
+    for (int64_t j = 0; j < nb; j += kLine) prefetch_line(row + j);
+    prefetch_line(row + nb - 1);
+  }
 }
 
 // The input panel X = [h | T] of the layer above `prev` (prev's outputs) and act', act'' of prev's
@@ -97,7 +155,9 @@ inline const T* saved_row(const FieldLayer<T>& f, const FieldBackCall<T>& g, int
 template <typename T, FieldAct ACT>
 void hidden_inputs(const FieldLayer<T>& prev, const FieldBackCall<T>& g, int64_t b0, int64_t nb,
                    const FieldBackScratch<T>& s) {
+  for (int64_t k = 0; k < kPrefetchRows; ++k) prefetch_saved(prev, g, k, b0, nb);
   for (int64_t k = 0; k < prev.N; ++k) {
+    prefetch_saved(prev, g, k + kPrefetchRows, b0, nb);
     T* __restrict x = s.input + k * g.PW;
     T* __restrict d1 = s.d1 + k * g.TB;
     T* __restrict d2 = s.d2 + k * g.TB;
@@ -121,12 +181,24 @@ void hidden_inputs(const FieldLayer<T>& prev, const FieldBackCall<T>& g, int64_t
   }
 }
 
+template <typename T>
+inline T lane_sum(Vec<T> v) {
+  T s = T(0);
+  for (int64_t l = 0; l < kLanes<T>; ++l) s += v[l];
+  return s;
+}
+
 // panel: back = [gh | gT] of prev's outputs in, prev's adjoint s [gpre | gTpre] out (in place);
-// prev's scale and shift gradients accumulate into acc.
+// prev's scale and shift gradients accumulate into acc. Whole vectors up to the last full one of
+// the tile's nb samples (with vector accumulators for the sums: a scalar running sum here cost a
+// horizontal add per element), the rest lane by lane.
 template <typename T>
 void hidden_adjoint(const FieldBackLayer<T>& prev_layer, const FieldBackCall<T>& g, int64_t b0, int64_t nb,
                     T* panel, const FieldBackScratch<T>& s) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
   const FieldLayer<T>& prev = prev_layer.fwd;
+  const int64_t nv = nb / L * L;
   for (int64_t k = 0; k < prev.N; ++k) {
     T* __restrict gpre = panel + k * g.PW;
     const T* __restrict d1 = s.d1 + k * g.TB;
@@ -134,25 +206,42 @@ void hidden_adjoint(const FieldBackLayer<T>& prev_layer, const FieldBackCall<T>&
     const T sc = prev.scale ? prev.scale[k] : T(1);
     const T* __restrict u = saved_row(prev, g, k, 0, b0);
     for (int64_t j = 0; j < nb; ++j) gpre[j] *= d1[j];
-    T gs = T(0);
+    V gs_v{}, gc_v{};
+    T gs = T(0), gc = T(0);
     for (int64_t q = 0; q < g.mb; ++q) {
       T* __restrict gt = gpre + g.TB * (1 + q);
       const T* __restrict v = saved_row(prev, g, k, 1 + q, b0);
-      for (int64_t j = 0; j < nb; ++j) {
+      int64_t j = 0;
+      for (; j < nv; j += L) {
+        const V vv = load(v + j), d1v = load(d1 + j);
+        V gtv = load(gt + j);
+        store(gpre + j, load(gpre + j) + load(d2 + j) * sc * gtv * vv);
+        gtv *= d1v;
+        store(gt + j, gtv);
+        gs_v += gtv * vv;
+      }
+      for (; j < nb; ++j) {
         gpre[j] += d2[j] * sc * gt[j] * v[j];
         gt[j] *= d1[j];
         gs += gt[j] * v[j];
       }
     }
-    T gc = T(0);
-    for (int64_t j = 0; j < nb; ++j) {
+    int64_t j = 0;
+    for (; j < nv; j += L) {
+      const V gp = load(gpre + j);
+      gc_v += gp;
+      gs_v += gp * load(u + j);
+    }
+    for (; j < nb; ++j) {
       gc += gpre[j];
       gs += gpre[j] * u[j];
     }
+    gc += lane_sum<T>(gc_v);
+    gs += lane_sum<T>(gs_v);
     if (prev_layer.gc >= 0) s.acc[prev_layer.gc + k] += gc;
     if (prev_layer.gs >= 0) s.acc[prev_layer.gs + k] += gs;
     if (prev.scale)
-      for (int64_t j = 0; j < g.PW; ++j) gpre[j] *= sc;
+      for (int64_t i = 0; i < g.PW; ++i) gpre[i] *= sc;
   }
 }
 
@@ -209,8 +298,8 @@ void first_layer(const FieldBackLayer<T>& first, const FieldBackCall<T>& g, int6
       for (int64_t j = 0; j < nb; ++j) x[g.TB + j] = g.probe[(b0 + j) * g.d + i];
     }
   }
-  if (first.gw >= 0) weight_grad(first, adj, s.input, g.PW, g.PW, s.acc + first.gw);
-  transposed_product(first, adj, g.PW, g.gprobe ? g.PW : g.TB, back);
+  layer_weight_grad(first, g, adj, s.input, g.PW, s);
+  layer_transposed_product(first, g, adj, g.gprobe ? g.PW : g.TB, back);
   for (int64_t i = 0; i < g.d; ++i) {
     const T* row = back + i * g.PW;
     for (int64_t j = 0; j < nb; ++j) g.gz[(b0 + j) * g.d + i] = row[j];
@@ -230,8 +319,8 @@ void backward_tiles_act(const FieldBackCall<T>& g, int64_t begin, int64_t end, c
       const FieldBackLayer<T>& layer = g.layers[l];
       const FieldBackLayer<T>& prev = g.layers[l - 1];
       hidden_inputs<T, ACT>(prev.fwd, g, b0, nb, s);
-      if (layer.gw >= 0) weight_grad(layer, adj, s.input, g.PW, g.PW, s.acc + layer.gw);
-      transposed_product(layer, adj, g.PW, g.PW, back);
+      layer_weight_grad(layer, g, adj, s.input, g.PW, s);
+      layer_transposed_product(layer, g, adj, g.PW, back);
       hidden_adjoint(prev, g, b0, nb, back, s);
       std::swap(adj, back);
     }
