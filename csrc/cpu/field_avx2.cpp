@@ -1,4 +1,4 @@
-// The avx2 variant of the fused field's kernels (field_kernels.h); field_kernels() in field_cpu.cpp
+// The avx2 variant of the fused field's kernels (field_tiles.h, field_kernels.h); field_kernels() in field_cpu.cpp
 // runs it only where the CPU has its instruction set. Every header comes before the target pragma,
 // so only this variant's own code gets the wider instruction set.
 #if defined(__x86_64__) || defined(__i386__)
@@ -17,7 +17,7 @@
 #pragma GCC target("avx2,fma")
 #define FIELD_VARIANT avx2::field
 #define FIELD_VEC_BYTES 32
-#include "field_kernels.h"
+#include "field_tiles.h"
 #pragma GCC pop_options
 
 namespace sparseode::cpu {

@@ -1,7 +1,8 @@
-// The fused field's kernels, compiled once per instruction-set variant (field_<variant>.cpp define
-// FIELD_VARIANT and FIELD_VEC_BYTES, include kernel_prelude.h and field_table.h first, then this
-// under `#pragma GCC target`). Raw pointers only: no ATen here, so no ATen inline function is ever
-// compiled for a wider instruction set.
+// The fused field's row kernels, compiled once per instruction-set variant (field_<variant>.cpp define
+// FIELD_VARIANT and FIELD_VEC_BYTES, include kernel_prelude.h and field_table.h first, then
+// field_tiles.h, which includes this, under `#pragma GCC target`; the backward's variants include
+// this alone). Raw pointers only: no ATen here, so no ATen inline function is ever compiled for a
+// wider instruction set.
 //
 // A batch tile is kept feature-major in two ping-pong panels of (width, PW) values: TB state
 // columns followed by the TB columns of each of the m tangents, so the tile's activations stay in
@@ -158,21 +159,6 @@ inline void activate_with_derivative(T v, T& y, T& dy) {
   }
 }
 
-// Copies batch rows [b0, b0 + nb) of z (and the tangents) into the feature-major input panel.
-template <typename T>
-void pack_input(const FieldCall<T>& g, int64_t b0, int64_t nb, T* panel) {
-  std::fill(panel, panel + g.d * g.PW, T(0));
-  for (int64_t i = 0; i < g.d; ++i) {
-    T* row = panel + i * g.PW;
-    for (int64_t j = 0; j < nb; ++j) row[j] = g.z[(b0 + j) * g.d + i];
-    if (g.trace == 1) {  // tangent i is the unit vector e_i: row i of its block is ones
-      std::fill(row + g.TB * (1 + i), row + g.TB * (1 + i) + nb, T(1));
-    } else if (g.trace == 2) {
-      for (int64_t j = 0; j < nb; ++j) row[g.TB + j] = g.probe[(b0 + j) * g.d + i];
-    }
-  }
-}
-
 // tanh of every lane: float by tanh_rational (activation.h) on whole vectors, double lane by lane.
 template <typename T>
 __attribute__((always_inline)) inline Vec<T> tanh_vec(Vec<T> a) {
@@ -238,22 +224,16 @@ inline void accumulate(const T* __restrict w, const int64_t* __restrict col, int
   }
 }
 
-// Groups [g0, g0 + G) of hidden row n over the whole tile (TB = NV lanes-vectors): the products,
-// recorded for the backward, then in registers states <- act(s u + c) and tangents <- act'(pre) s V.
-// A STATE pass holds the state block (g0 = 0) and applies the activation; with KEEP_SLOPE (more
-// passes follow for this row) it leaves act'(pre) s (TB values) in `slope` for them. Inlined into the
-// row loop of hidden_rows, so per row only the products and the epilogue remain.
+// The end of a pass over groups [g0, g0 + G) of hidden row n with its products acc (TB = NV
+// lanes-vectors): recorded for the backward, then in registers states <- act(s u + c) and tangents
+// <- act'(pre) s V. A STATE pass holds the state block (g0 = 0) and applies the activation; with
+// KEEP_SLOPE (more passes follow for this row) it leaves act'(pre) s (TB values) in `slope` for them.
 template <typename T, FieldAct ACT, int G, int NV, bool STATE, bool KEEP_SLOPE>
-__attribute__((always_inline)) inline void hidden_pass(const FieldLayer<T>& layer, const FieldCall<T>& g, int64_t n,
-                                                       const T* x, T* y, int64_t g0, int64_t b0, int64_t nb,
-                                                       T* __restrict slope) {
+__attribute__((always_inline)) inline void pass_epilogue(const FieldLayer<T>& layer, const FieldCall<T>& g,
+                                                         int64_t n, T* y, int64_t g0, int64_t b0, int64_t nb,
+                                                         T* __restrict slope, const Vec<T> (&acc)[G][NV]) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>, TB = NV * L;  // g.TB, as a constant (a store could alias g)
-  const int64_t p0 = layer.crow ? layer.crow[n] : n * layer.K;
-  const int64_t cnt = layer.crow ? layer.crow[n + 1] - p0 : layer.K;
-  const int64_t PW = g.PW;
-  V acc[G][NV];
-  accumulate<T, G, NV>(layer.w + p0, layer.crow ? layer.col + p0 : g.iota, cnt, x + g0 * TB, PW, TB, acc);
   // Every loop over acc is unrolled: one indexed at run time would keep the accumulators in memory.
   if (layer.saved) {
 #pragma GCC unroll 4
@@ -270,7 +250,7 @@ __attribute__((always_inline)) inline void hidden_pass(const FieldLayer<T>& laye
       }
     }
   }
-  T* out = y + n * PW + g0 * TB;
+  T* out = y + n * g.PW + g0 * TB;
   V sl[NV];
   if constexpr (STATE) {
     const T s = layer.scale ? layer.scale[n] : T(1), c = layer.shift ? layer.shift[n] : T(0);
@@ -293,6 +273,20 @@ __attribute__((always_inline)) inline void hidden_pass(const FieldLayer<T>& laye
   for (int q = STATE ? 1 : 0; q < G; ++q)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) store(out + q * TB + v * L, acc[q][v] * sl[v]);
+}
+
+// A pass over groups [g0, g0 + G) of hidden row n: the products over the row's stored entries, then
+// pass_epilogue. Inlined into the row loop of hidden_rows, so per row only these remain.
+template <typename T, FieldAct ACT, int G, int NV, bool STATE, bool KEEP_SLOPE>
+__attribute__((always_inline)) inline void hidden_pass(const FieldLayer<T>& layer, const FieldCall<T>& g, int64_t n,
+                                                       const T* x, T* y, int64_t g0, int64_t b0, int64_t nb,
+                                                       T* __restrict slope) {
+  constexpr int64_t TB = NV * kLanes<T>;
+  const int64_t p0 = layer.crow ? layer.crow[n] : n * layer.K;
+  const int64_t cnt = layer.crow ? layer.crow[n + 1] - p0 : layer.K;
+  Vec<T> acc[G][NV];
+  accumulate<T, G, NV>(layer.w + p0, layer.crow ? layer.col + p0 : g.iota, cnt, x + g0 * TB, g.PW, TB, acc);
+  pass_epilogue<T, ACT, G, NV, STATE, KEEP_SLOPE>(layer, g, n, y, g0, b0, nb, slope, acc);
 }
 
 // Groups a hidden pass holds at once with NV vectors each.
@@ -342,89 +336,6 @@ void hidden_layer(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x,
     hidden_pass<T, ACT, GP, NV, true, true>(layer, g, n, x, y, 0, b0, nb, slope);
     tangent_passes<T, NV>(layer, g, n, x, y, GP, b0, nb, slope);
   }
-}
-
-// The last layer on the panel x: f rows and the trace term for the tile's columns.
-template <typename T>
-void last_layer(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, int64_t b0, int64_t nb, T* row) {
-  for (int64_t n = 0; n < g.d; ++n) {
-    // state columns, and the tangent block the trace reads: exact block n, Hutchinson the probe's
-    const int64_t t0 = g.trace == 1 ? g.TB * (1 + n) : g.TB;
-    layer_row(layer, n, x, g.PW, 0, g.TB, row);
-    if (g.trace) layer_row(layer, n, x, g.PW, t0, t0 + g.TB, row + g.TB);
-    const T s = layer.scale ? layer.scale[n] : T(1), c = layer.shift ? layer.shift[n] : T(0);
-    for (int64_t j = 0; j < nb; ++j) g.f[(b0 + j) * g.d + n] = s * row[j] + c;
-    if (g.trace == 1) {
-      for (int64_t j = 0; j < nb; ++j) g.trace_out[b0 + j] += s * row[g.TB + j];
-    } else if (g.trace == 2) {
-      for (int64_t j = 0; j < nb; ++j) g.trace_out[b0 + j] += g.probe[(b0 + j) * g.d + n] * s * row[g.TB + j];
-    }
-    if (layer.saved)
-      for (int64_t q = 0; q < layer.groups; ++q)
-        std::copy_n(row + q * g.TB, nb, layer.saved + (n * layer.groups + q) * g.B + b0);
-  }
-}
-
-// NaN in f and the trace for samples whose state holds NaN or Inf (a pruned weight skips them
-// where the dense field would give NaN or Inf).
-template <typename T>
-void poison_nonfinite(const FieldCall<T>& g, int64_t b0, int64_t nb) {
-  const T nan = std::numeric_limits<T>::quiet_NaN();
-  for (int64_t j = 0; j < nb; ++j) {
-    T check = T(0);
-    for (int64_t i = 0; i < g.d; ++i) check += g.z[(b0 + j) * g.d + i] * T(0);
-    if (check == T(0)) continue;
-    for (int64_t i = 0; i < g.d; ++i) g.f[(b0 + j) * g.d + i] = nan;
-    g.trace_out[b0 + j] = nan;
-  }
-}
-
-// Tiles [begin, end) of a call: NV vectors of batch columns per tile (TB = NV lanes).
-template <typename T, FieldAct ACT, int NV>
-void tiles_nv(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
-  for (int64_t tile = begin; tile < end; ++tile) {
-    const int64_t b0 = tile * g.TB, nb = std::min(g.TB, g.B - b0);
-    T* x = s.a;
-    T* y = s.b;
-    pack_input(g, b0, nb, x);
-    for (int64_t l = 0; l + 1 < g.n_layers; ++l) {
-      hidden_layer<T, ACT, NV>(g.layers[l], g, x, y, b0, nb, s.row);
-      std::swap(x, y);
-    }
-    last_layer(g.layers[g.n_layers - 1], g, x, b0, nb, s.row);
-    poison_nonfinite(g, b0, nb);
-  }
-}
-
-template <typename T, FieldAct ACT>
-void tiles_act(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
-  switch (g.TB / kLanes<T>) {
-    case 1: return tiles_nv<T, ACT, 1>(g, begin, end, s);
-    case 2: return tiles_nv<T, ACT, 2>(g, begin, end, s);
-    default: return tiles_nv<T, ACT, 4>(g, begin, end, s);
-  }
-}
-
-template <typename T>
-void tiles(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScratch<T>& s) {
-  using A = FieldAct;
-  switch (g.act) {
-    case A::Identity: return tiles_act<T, A::Identity>(g, begin, end, s);
-    case A::Tanh: return tiles_act<T, A::Tanh>(g, begin, end, s);
-    case A::Relu: return tiles_act<T, A::Relu>(g, begin, end, s);
-    case A::Softplus: return tiles_act<T, A::Softplus>(g, begin, end, s);
-    case A::Sigmoid: return tiles_act<T, A::Sigmoid>(g, begin, end, s);
-    case A::Elu: return tiles_act<T, A::Elu>(g, begin, end, s);
-    case A::Swish: return tiles_act<T, A::Swish>(g, begin, end, s);
-  }
-}
-
-inline FieldKernels make_field_table(const char* name) {
-  return FieldKernels{name,
-                      kLanes<float>,
-                      kLanes<double>,
-                      {&tiles<float>},
-                      {&tiles<double>}};
 }
 
 }  // namespace sparseode::cpu::FIELD_VARIANT
