@@ -193,8 +193,9 @@ def plan(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                         yield cell(d, a, r, s, hessian=args.hessian and s == args.seeds[0])
         return
     first, rest = ("lamp", "global"), ("layer", "snip")
-    for s in (0, 1, 2):  # neuron pruning: the rule that holds 98% on the demo flow (bench/results/sparse_flows.md)
-        yield cell("gaussians", "demo", "neuron", s)
+    for steps in (args.steps, 2 * args.steps, 4 * args.steps):  # neuron pruning: 98% on the demo flow, by budget
+        for s in (0, 1, 2):
+            yield cell("gaussians", "demo", "neuron", s, steps)
     for s in (0, 1, 2):
         yield cell("gaussians", "paper", "neuron", s)
     for d in ("spirals", "moons"):
