@@ -99,24 +99,86 @@ void first_layer(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, 
   if (!done) hidden_layer<T, ACT, NV>(layer, g, x, y, b0, nb, slope);
 }
 
-// The last layer on the panel x: f rows and the trace term for the tile's columns.
-template <typename T>
-void last_layer(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, int64_t b0, int64_t nb, T* row) {
-  for (int64_t n = 0; n < g.d; ++n) {
-    // state columns, and the tangent block the trace reads: exact block n, Hutchinson the probe's
-    const int64_t t0 = g.trace == 1 ? g.TB * (1 + n) : g.TB;
-    layer_row(layer, n, x, g.PW, 0, g.TB, row);
-    if (g.trace) layer_row(layer, n, x, g.PW, t0, t0 + g.TB, row + g.TB);
-    const T s = layer.scale ? layer.scale[n] : T(1), c = layer.shift ? layer.shift[n] : T(0);
-    for (int64_t j = 0; j < nb; ++j) g.f[(b0 + j) * g.d + n] = s * row[j] + c;
-    if (g.trace == 1) {
-      for (int64_t j = 0; j < nb; ++j) g.trace_out[b0 + j] += s * row[g.TB + j];
-    } else if (g.trace == 2) {
-      for (int64_t j = 0; j < nb; ++j) g.trace_out[b0 + j] += g.probe[(b0 + j) * g.d + n] * s * row[g.TB + j];
+// Rows [n0, n0 + R) of a dense last layer in one sweep over its K input rows, so that each load of the
+// state columns serves the R rows: row + (r BLOCKS + b) TB gets row n0 + r's products with the state
+// columns (b = 0) and, with the trace (BLOCKS = 2), with the tangent block its trace reads.
+template <typename T, int R, int BLOCKS, int NV>
+void last_rows_dense(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, int64_t n0, T* row) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>, TB = NV * L;
+  const int64_t K = layer.K, PW = g.PW;
+  int64_t t0[R];  // exact: block 1 + n of row n; Hutchinson: the probe's block
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) t0[r] = g.trace == 1 ? TB * (1 + n0 + r) : TB;
+  V acc[R][BLOCKS][NV] = {};
+  const T* w = layer.w + n0 * K;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* xk = x + k * PW;
+    V xs[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) xs[v] = load(xk + v * L);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const V wv = splat(w[r * K + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        acc[r][0][v] += wv * xs[v];
+        if constexpr (BLOCKS == 2) acc[r][1][v] += wv * load(xk + t0[r] + v * L);
+      }
     }
-    if (layer.saved)
-      for (int64_t q = 0; q < layer.groups; ++q)
-        std::copy_n(row + q * g.TB, nb, layer.saved + (n * layer.groups + q) * g.B + b0);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int b = 0; b < BLOCKS; ++b)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) store(row + (r * BLOCKS + b) * TB + v * L, acc[r][b][v]);
+}
+
+// The products of the last layer's rows from n0 on, laid out as last_rows_dense's: a dense layer two
+// rows at a time where the registers hold both rows' accumulators (and the state loads), a CSR one
+// row by row. Returns the number of rows done.
+template <typename T, int BLOCKS, int NV>
+int64_t last_products(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, int64_t n0, T* row) {
+  constexpr int64_t TB = NV * kLanes<T>;
+  if (layer.crow) {
+    layer_row(layer, n0, x, g.PW, 0, TB, row);
+    const int64_t t0 = g.trace == 1 ? TB * (1 + n0) : TB;
+    if constexpr (BLOCKS == 2) layer_row(layer, n0, x, g.PW, t0, t0 + TB, row + TB);
+    return 1;
+  }
+  constexpr int kRegisters = FIELD_VEC_BYTES == 64 ? 32 : 16;
+  constexpr int R = 2 * BLOCKS * NV + NV <= kRegisters ? 2 : 1;
+  if (R == 2 && n0 + 2 <= g.d) {
+    last_rows_dense<T, R, BLOCKS, NV>(layer, g, x, n0, row);
+    return R;
+  }
+  last_rows_dense<T, 1, BLOCKS, NV>(layer, g, x, n0, row);
+  return 1;
+}
+
+// The last layer on the panel x: f rows and the trace term for the tile's columns.
+template <typename T, int NV>
+void last_layer(const FieldLayer<T>& layer, const FieldCall<T>& g, const T* x, int64_t b0, int64_t nb, T* row) {
+  constexpr int64_t TB = NV * kLanes<T>;
+  const int64_t blocks = g.trace ? 2 : 1;
+  for (int64_t n0 = 0; n0 < g.d;) {
+    const int64_t rows = blocks == 2 ? last_products<T, 2, NV>(layer, g, x, n0, row)
+                                     : last_products<T, 1, NV>(layer, g, x, n0, row);
+    for (int64_t n = n0; n < n0 + rows; ++n) {
+      const T* prod = row + (n - n0) * blocks * TB;  // state columns, then the trace's block
+      const T s = layer.scale ? layer.scale[n] : T(1), c = layer.shift ? layer.shift[n] : T(0);
+      for (int64_t j = 0; j < nb; ++j) g.f[(b0 + j) * g.d + n] = s * prod[j] + c;
+      if (g.trace == 1) {
+        for (int64_t j = 0; j < nb; ++j) g.trace_out[b0 + j] += s * prod[TB + j];
+      } else if (g.trace == 2) {
+        for (int64_t j = 0; j < nb; ++j) g.trace_out[b0 + j] += g.probe[(b0 + j) * g.d + n] * s * prod[TB + j];
+      }
+      if (layer.saved)
+        for (int64_t q = 0; q < layer.groups; ++q)
+          std::copy_n(prod + q * TB, nb, layer.saved + (n * layer.groups + q) * g.B + b0);
+    }
+    n0 += rows;
   }
 }
 
@@ -150,7 +212,7 @@ void tiles_nv(const FieldCall<T>& g, int64_t begin, int64_t end, const FieldScra
       }
       std::swap(x, y);
     }
-    last_layer(g.layers[g.n_layers - 1], g, x, b0, nb, s.row);
+    last_layer<T, NV>(g.layers[g.n_layers - 1], g, x, b0, nb, s.row);
     poison_nonfinite(g, b0, nb);
   }
 }

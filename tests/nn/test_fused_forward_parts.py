@@ -19,15 +19,16 @@ pytestmark = pytest.mark.skipif(not ff.op_available()[0], reason=f"no fused fiel
 
 
 def op_arguments(d: int, widths: tuple[int, ...], density: float, batch: int, dtype: torch.dtype, trace: int,
-                 seed: int = 0) -> tuple:
-    """(z, probe, weights, patterns, scales, shifts): dense first and last layers, CSR hidden-to-hidden
-    layers of the given density, a scale on every other layer and a shift on every layer."""
+                 seed: int = 0, sparse_ends: bool = False) -> tuple:
+    """(z, probe, weights, patterns, scales, shifts): dense first and last layers (CSR too with
+    ``sparse_ends``), CSR hidden-to-hidden layers of the given density, a scale on every other layer
+    and a shift on every layer."""
     g = torch.Generator().manual_seed(seed)
     sizes = (d, *widths, d)
     weights, patterns, scales, shifts = [], [], [], []
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
         w = torch.randn(n, k, generator=g, dtype=dtype) / k ** 0.5
-        if 0 < i < len(sizes) - 2:
+        if sparse_ends or 0 < i < len(sizes) - 2:
             sw = SparseWeight.from_dense(w, torch.rand(n, k, generator=g) < density, format="csr")
             weights.append(sw.values.detach().clone())
             patterns.extend(t.clone() for t in list(sw.pattern)[:5])
@@ -49,6 +50,18 @@ def test_forward_matches_reference_float64(activation, trace, d):
         args = op_arguments(d, (24, 33), 0.3, batch, torch.float64, trace, seed=batch + d)
         f, term, _ = torch.ops.sparseode.mlp_field(*args, activation, trace, False)
         want_f, want_term = ff.mlp_field_reference(*args, activation, trace)
+        torch.testing.assert_close(f, want_f, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(term, want_term, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("trace", (0, 1, 2))
+@pytest.mark.parametrize("d", (1, 2, 5))
+def test_csr_first_and_last_layers(trace, d):
+    # a pruned first or last layer takes the CSR row paths instead of the dense first/last kernels
+    for batch in (1, 50):
+        args = op_arguments(d, (20, 30), 0.5, batch, torch.float64, trace, seed=d, sparse_ends=True)
+        f, term, _ = torch.ops.sparseode.mlp_field(*args, "swish", trace, False)
+        want_f, want_term = ff.mlp_field_reference(*args, "swish", trace)
         torch.testing.assert_close(f, want_f, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(term, want_term, rtol=1e-10, atol=1e-12)
 
