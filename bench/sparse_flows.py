@@ -232,6 +232,11 @@ def plan(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     for s in (1, 2):
         for r in RULES:
             yield cell("gaussians", "paper", r, s)
+    for s in (1, 2):
+        for d in ("spirals", "moons"):
+            for a in ("demo", "paper"):
+                for r in RULES:
+                    yield cell(d, a, r, s)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
