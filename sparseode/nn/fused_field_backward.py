@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparseode.ops import tangents
+
 CSR_FIELDS = 5  # crow, col, crow_t, col_t, perm of a CSR layer's pattern
 
 
@@ -119,9 +121,15 @@ def _fake_backward(z, probe, weights, patterns, scales, shifts, saved, grad_f, g
         like(c) for c in shifts]
 
 
+_LIB: torch.library.Library | None = None  # holds the autograd kernel's registration
+
+
 def register() -> None:
     """Register the fake kernels of ``sparseode::mlp_field`` and its backward op, and the op's autograd
-    formula."""
+    formula (which refuses forward-mode tangents: the op has no forward-mode formula, and the plain
+    ``register_autograd`` kernel would return results without tangents, so ``torch.func.jvp`` read zeros)."""
+    global _LIB
     torch.library.register_fake("sparseode::mlp_field", _fake)
     torch.library.register_fake("sparseode::mlp_field_backward", _fake_backward)
-    torch.library.register_autograd("sparseode::mlp_field", _backward, setup_context=_setup)
+    _LIB = torch.library.Library("sparseode", "IMPL")
+    tangents.register_autograd("sparseode::mlp_field", _backward, _setup, _LIB)

@@ -24,7 +24,8 @@ def check_no_tangents(op_name: str, arg_names: tuple[str, ...], args: tuple) -> 
     if forward_ad._current_level < 0:  # no dual level open (torch.func.jvp opens one too): no tangents
         return
     for name, value in zip(arg_names, args):
-        if isinstance(value, torch.Tensor) and torch._unpack_dual(value, 0).tangent is not None:
+        values = value if isinstance(value, (list, tuple)) else (value,)  # Tensor[] / Tensor?[] arguments
+        if any(isinstance(v, torch.Tensor) and torch._unpack_dual(v, 0).tangent is not None for v in values):
             raise RuntimeError(f"{op_name}: argument {name} carries a forward-mode tangent, and "
                                "sparseode's ops have no forward-mode AD formula (feature-major spmm_fm takes "
                                "tangent directions as extra columns)")
