@@ -95,25 +95,34 @@ def _seeds(rows: list[dict], rule: str) -> int:
 
 
 def _verdicts(rows: list[dict], main: tuple) -> list[str]:
+    """One line per (rule, dataset, arch, retraining steps per round) of the main schedule and LR."""
     lines = []
+    budgets = sorted({r["steps"] for r in rows if (r["schedule"], r["lr"]) == (main[0], main[2])})
     for rule in sorted({r["rule"] for r in rows}):
-        for (ds, arch), grp in sorted(_group(rows, main).items()):
-            at = [r for r in grp if r["rule"] == rule]
-            if not at:
-                continue
-            if ds == "gaussians" and arch == "demo":
-                for keep, limit in ((0.1, 0.03), (0.02, 0.10)):
-                    hit = [r for r in at if abs(r["keep"] - keep) < 5e-4]
-                    if hit:
-                        ok = [r["gap"] <= limit and bool(r["strict_held"] == r["n_modes"]) for r in hit]
-                        lines.append(f"- {ds}/{arch}/{rule}, {1 - keep:.0%}: gap <= +{limit:.2f} and every mode >= "
-                                     f"80% of its share in {sum(ok)}/{len(ok)} seeds")
-            if arch == "paper":
-                mid = [r for r in at if 0.45 <= r["sparsity"] <= 0.85]
-                if mid:
-                    ok = sum(r["gap"] <= 0 for r in mid)
-                    lines.append(f"- {ds}/{arch}/{rule}: NLL at 50-80% sparsity no worse than dense in {ok}/{len(mid)} "
-                                 f"evaluated rounds (largest gap {max(r['gap'] for r in mid):+.3f})")
+        for steps in budgets:
+            for (ds, arch), grp in sorted(_group(rows, (main[0], steps, main[2])).items()):
+                at = [r for r in grp if r["rule"] == rule]
+                lines += _verdict(at, f"{ds}/{arch}/{rule}, {steps} steps a round", ds, arch)
+    return lines
+
+
+def _verdict(at: list[dict], label: str, ds: str, arch: str) -> list[str]:
+    if not at:
+        return []
+    lines = []
+    if ds == "gaussians" and arch == "demo":
+        for keep, limit in ((0.1, 0.03), (0.02, 0.10)):
+            hit = [r for r in at if abs(r["keep"] - keep) < 5e-4]
+            if hit:
+                ok = [r["gap"] <= limit and bool(r["strict_held"] == r["n_modes"]) for r in hit]
+                lines.append(f"- {label}, {1 - keep:.0%}: gap <= +{limit:.2f} and every mode >= 80% of its share "
+                             f"in {sum(ok)}/{len(ok)} seeds")
+    if arch == "paper":
+        mid = [r for r in at if 0.45 <= r["sparsity"] <= 0.85]
+        if mid:
+            ok = sum(r["gap"] <= 0 for r in mid)
+            lines.append(f"- {label}: NLL at 50-80% sparsity no worse than dense in {ok}/{len(mid)} evaluated rounds "
+                         f"(largest gap {max(r['gap'] for r in mid):+.3f})")
     return lines
 
 
