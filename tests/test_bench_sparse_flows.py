@@ -60,3 +60,13 @@ def test_sparse_flows_neuron_rule_prunes_units_to_the_schedules_weight_density(t
     expected = {"0.5": 1 - (4 * 45 + 2 * 45 ** 2) / 8448, "0.1": 1 - (4 * 20 + 2 * 20 ** 2) / 8448}
     assert {r["keep"]: float(r["sparsity"]) for r in rows} == pytest.approx(expected, abs=1e-9)
     assert all(math.isfinite(float(r["test_nll"])) for r in rows)
+
+
+def test_sparse_flows_controls_tiny_run_prints_both_controls(capsys, load_bench):
+    controls = load_bench("sparse_flows_controls")
+    assert controls.main(["--tiny"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    narrow = [line for line in out if line.startswith("dense 2 -> 2x3, 16 weights")]  # four 2x2 layers
+    assert len(narrow) == 1 and "modes held" in narrow[0]
+    retrained = [line for line in out if line.startswith("paper arch, unpruned, one round of")]
+    assert len(retrained) == 3 and all("->" in line for line in retrained)
