@@ -17,7 +17,7 @@ def field():
     torch.manual_seed(0)
     f = MLPVectorField(2, (16, 16), time="concat")
     so.prune.apply(f, so.prune.importance(f, method="magnitude"), 0.8)
-    return sparsify(f)
+    return sparsify(f, format="csr")  # "auto" times the formats and may keep a layer dense under load
 
 
 # fused_field calls the op itself: field(t, z) may run per layer (another backend selected), where
