@@ -28,12 +28,16 @@ import sparse_flows as sf  # noqa: E402
 from prune_flows import test_nll  # noqa: E402
 
 
-def capacity(widths: list[int], epochs: int, dense_nll: float, n_train: int) -> None:
-    data = sf.make_data("gaussians", n_train, 2048, 0)
+def weight_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if name.endswith("weight"))
+
+
+def capacity(widths: list[int], epochs: int, dense: torch.nn.Module, data: dict[str, torch.Tensor]) -> None:
+    dense_nll, dense_n = test_nll(dense, data["test"]), weight_count(dense)
     for w in widths:
         torch.manual_seed(0)
         model = demo.make_cnf((w, w, w), demo.TRAIN_TOL)
-        n = sum(p.numel() for name, p in model.named_parameters() if name.endswith("weight"))
+        n = weight_count(model)
         t0 = time.perf_counter()
         fit(model, data["train"], epochs=epochs, batch_size=demo.BATCH, lr=demo.LR, val_data=data["val"], seed=0,
             progress=False)
@@ -41,13 +45,12 @@ def capacity(widths: list[int], epochs: int, dense_nll: float, n_train: int) -> 
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)
             cov = D.mode_coverage(model.sample(2000), "gaussians")
-        print(f"dense 2 -> {w}x3, {n} weights ({1 - n / 8448:.1%} fewer than 2 -> 64x3), {epochs} epochs: test NLL "
+        print(f"dense 2 -> {w}x3, {n} weights ({1 - n / dense_n:.1%} fewer than 2 -> 64x3), {epochs} epochs: test NLL "
               f"{nll:.3f} ({nll - dense_nll:+.3f} against the 64-wide dense {dense_nll:.3f}), modes held "
               f"{cov['modes_held']}/{cov['n_modes']}, {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def retraining(args: argparse.Namespace, budgets: list[tuple[float, int]]) -> None:
-    data = sf.make_data("gaussians", args.n_train, args.n_test, 0)
+def retraining(args: argparse.Namespace, data: dict[str, torch.Tensor], budgets: list[tuple[float, int]]) -> None:
     for lr, steps in budgets:
         model = sf.dense_model(args, "gaussians", "paper", 0, data)
         before = test_nll(model, data["test"])
@@ -71,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if own.tiny:
         own.widths, own.epochs = [2], 1
     data = sf.make_data("gaussians", args.n_train, args.n_test, 0)
-    dense = sf.dense_model(args, "gaussians", "demo", 0, data)
-    capacity(own.widths, own.epochs, test_nll(dense, data["test"]), args.n_train)
-    retraining(args, [(args.retrain_lr, args.steps), (1e-3, args.steps), (args.retrain_lr, 5 * args.steps)])
+    capacity(own.widths, own.epochs, sf.dense_model(args, "gaussians", "demo", 0, data), data)
+    retraining(args, data, [(args.retrain_lr, args.steps), (1e-3, args.steps), (args.retrain_lr, 5 * args.steps)])
     return 0
 
 
